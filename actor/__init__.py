@@ -1,0 +1,1 @@
+"""The actor process: collects experience with the latest weights, or evaluates."""

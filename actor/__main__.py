@@ -1,0 +1,39 @@
+"""python -m actor: collects experience (--mode=collect) or evaluates (--mode=eval)."""
+
+from common import process  # Must precede TensorFlow imports.
+
+from common import cluster_flags as cf
+
+
+def main(_):
+  stop = process.StopRequest().install()
+  if cf.MODE.value == 'eval':
+    from actor import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate(evaluate.EvalSettings(
+        env_name=cf.ENV.value,
+        root_dir=cf.ROOT_DIR.value,
+        variable_address=cf.variable_address(),
+        max_train_steps=cf.max_train_steps(),
+        eval_interval=cf.EVAL_INTERVAL.value,
+        num_eval_episodes=cf.NUM_EVAL_EPISODES.value,
+        sac=cf.sac_config(),
+        server_timeout_s=cf.SERVER_TIMEOUT_S.value), stop)
+    return
+  from actor import collect  # pylint: disable=g-import-not-at-top
+  collect.collect(collect.ActorSettings(
+      env_name=cf.ENV.value,
+      root_dir=cf.ROOT_DIR.value,
+      replay_address=cf.replay_address(),
+      variable_address=cf.variable_address(),
+      max_train_steps=cf.max_train_steps(),
+      task=cf.TASK.value,
+      num_actors=cf.NUM_ACTORS.value,
+      initial_collect_steps=cf.INITIAL_COLLECT_STEPS.value,
+      pull_interval_steps=cf.PULL_INTERVAL_STEPS.value,
+      sac=cf.sac_config(),
+      server_timeout_s=cf.SERVER_TIMEOUT_S.value,
+      log_interval_s=cf.LOG_INTERVAL_S.value), stop)
+
+
+if __name__ == '__main__':
+  process.run(main, 'actor')

@@ -1,0 +1,150 @@
+"""The collect loop: random initial share, then the collect policy with pulled weights.
+
+Owns one environment and a local copy of the collect policy. Weights arrive
+over Reverb from the variable container; experience leaves over Reverb into
+`uniform_table`. The loop ends when the learner's train_step (read from the
+variables table) reaches `max_train_steps`, or on SIGTERM.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+from absl import logging
+import reverb
+from tf_agents.metrics import py_metrics
+from tf_agents.policies import py_tf_eager_policy
+from tf_agents.policies import random_py_policy
+from tf_agents.train import actor as tfa_actor
+from tf_agents.train.utils import train_utils
+
+from actor.writer import CollectionStopped
+from actor.writer import StoppableTrajectoryObserver
+from common import agents
+from common import config as config_lib
+from common import environments
+from common import progress
+from common import reverb_connection
+from variable_container import VariableContainerClient
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorSettings:
+  env_name: str
+  root_dir: str
+  replay_address: str
+  variable_address: str
+  max_train_steps: int
+  task: int = 0
+  num_actors: int = 1
+  initial_collect_steps: int = 10000
+  pull_interval_steps: int = 100
+  sac: config_lib.SacConfig = config_lib.SacConfig()
+  server_timeout_s: float = 300.0
+  log_interval_s: float = 10.0
+  # While blocked by the rate limiter, how often to ask whether training ended.
+  done_check_interval_s: float = 5.0
+
+
+def initial_collect_share(total: int, num_actors: int, task: int) -> int:
+  """This actor's part of `total` random steps; the parts sum to `total`."""
+  return total // num_actors + (1 if task % num_actors < total % num_actors
+                                else 0)
+
+
+class _DoneCheck:
+  """`should_stop` for the writer: a stop signal, or training has finished."""
+
+  def __init__(self, container, max_train_steps, should_stop, interval_s):
+    self._container = container
+    self._max = max_train_steps
+    self._should_stop = should_stop
+    self._interval_s = interval_s
+    self._last = 0.0
+    self.training_done = False
+
+  def __call__(self) -> bool:
+    if self._should_stop() or self.training_done:
+      return True
+    now = time.monotonic()
+    if now - self._last >= self._interval_s:
+      self._last = now
+      step = self._container.latest_train_step()
+      self.training_done = step is not None and step >= self._max
+    return self.training_done
+
+
+def collect(s: ActorSettings,
+            should_stop: Callable[[], bool] = lambda: False) -> int:
+  """Collects until training ends or `should_stop()`; returns env steps."""
+  who = f'actor {s.task}'
+  env = environments.load_environment(s.env_name, seed=s.task)
+  train_step = train_utils.create_train_step()
+  agent = agents.create_sac_agent(env, s.sac, train_step, s.env_name)
+  variables = agents.shared_variables(agent, train_step)
+
+  info = reverb_connection.wait_for_server(
+      s.replay_address, s.server_timeout_s, who, should_stop)
+  reverb_connection.check_table_signature(
+      info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
+      s.replay_address)
+  container = VariableContainerClient(s.variable_address, variables,
+                                      s.server_timeout_s, who, should_stop)
+  done = _DoneCheck(container, s.max_train_steps, should_stop,
+                    s.done_check_interval_s)
+  observer = StoppableTrajectoryObserver(reverb.Client(s.replay_address),
+                                         done, who=who)
+  env_steps = py_metrics.EnvironmentSteps()
+  meter = progress.RateMeter()
+  weights_step = container.latest_train_step()
+
+  def log_progress(phase):
+    if meter.due(s.log_interval_s):
+      rate = meter.update(env_steps.result())
+      logging.info('%s: %s  env_steps %d  %.1f env steps/s  acting with '
+                   'weights of train_step %s', who, phase, env_steps.result(),
+                   rate, weights_step)
+
+  try:
+    # The random initial collect fills the table before the first train step;
+    # a rejoining actor (the learner is past step 0) skips it.
+    share = initial_collect_share(s.initial_collect_steps, s.num_actors,
+                                  s.task)
+    if share and not weights_step:
+      logging.info('%s: random initial collect of %d steps', who, share)
+      random_actor = tfa_actor.Actor(
+          env, random_py_policy.RandomPyPolicy(env.time_step_spec(),
+                                               env.action_spec()),
+          train_step, steps_per_run=min(share, s.pull_interval_steps),
+          observers=[observer, env_steps])
+      while env_steps.result() < share and not done():
+        random_actor.run()
+        log_progress('random')
+      observer.discard_partial_episode()
+
+    collect_actor = tfa_actor.Actor(
+        env,
+        py_tf_eager_policy.PyTFEagerPolicy(agent.collect_policy,
+                                           use_tf_function=True),
+        train_step,
+        steps_per_run=s.pull_interval_steps,
+        metrics=tfa_actor.collect_metrics(10),
+        summary_dir=os.path.join(s.root_dir, f'actor_{s.task}'),
+        observers=[observer, env_steps])
+    while not done():
+      weights_step = container.pull_into(variables)
+      if weights_step is None or weights_step >= s.max_train_steps:
+        break
+      collect_actor.run()
+      log_progress('collect')
+  except CollectionStopped:
+    pass
+  reason = ('training finished' if done.training_done or (
+      weights_step is not None and weights_step >= s.max_train_steps)
+            else 'stop requested')
+  logging.info('%s: %s; %d env steps, last weights of train_step %s, %.0fs '
+               'blocked by the rate limiter', who, reason, env_steps.result(),
+               weights_step, observer.blocked_s)
+  env.close()
+  return int(env_steps.result())

@@ -1,0 +1,67 @@
+"""A trajectory observer that waits on Reverb's rate limiter without going deaf.
+
+TF-Agents' `ReverbAddTrajectoryObserver` leaves flushing to the writer, which
+blocks for as long as the replay table's rate limiter refuses inserts. When the
+learner has stopped sampling (finished, or gone) that is forever. This
+observer bounds the items in flight and waits in short slices, asking
+`should_stop()` between them, so an actor blocked by the limiter still notices
+SIGTERM and the end of training.
+"""
+
+import time
+from typing import Callable
+
+from absl import logging
+import reverb
+from tf_agents.replay_buffers import reverb_utils
+
+from common import config as config_lib
+
+
+class CollectionStopped(Exception):
+  """Raised from inside a collect step when the actor should stop."""
+
+
+class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
+  """Writes 2-step items (stride 1) to `uniform_table`; interruptible."""
+
+  def __init__(self, py_client: reverb.Client,
+               should_stop: Callable[[], bool], max_in_flight_items: int = 16,
+               wait_slice_ms: int = 500, who: str = 'actor'):
+    super().__init__(py_client, config_lib.REPLAY_TABLE,
+                     sequence_length=config_lib.SEQUENCE_LENGTH,
+                     stride_length=config_lib.STRIDE_LENGTH)
+    self._should_stop = should_stop
+    self._max_in_flight = max_in_flight_items
+    self._wait_slice_ms = wait_slice_ms
+    self._who = who
+    self.blocked_s = 0.0
+
+  def __call__(self, trajectory) -> None:
+    super().__call__(trajectory)
+    self._wait_for_room()
+
+  def _wait_for_room(self) -> None:
+    start = None
+    last_log = 0.0
+    while True:
+      try:
+        self._get_writer().flush(self._max_in_flight,
+                                 timeout_ms=self._wait_slice_ms)
+        break
+      except reverb.errors.DeadlineExceededError:
+        now = time.monotonic()
+        start = start or now
+        if self._should_stop():
+          raise CollectionStopped() from None
+        if now - start - last_log >= 30:
+          last_log = now - start
+          logging.info('%s: replay table is rate-limiting inserts for %.0fs '
+                       '(the learner samples slower than actors insert)',
+                       self._who, last_log)
+    if start is not None:
+      self.blocked_s += time.monotonic() - start
+
+  def discard_partial_episode(self) -> None:
+    """Drops cached steps so the next item cannot span two episodes."""
+    self.reset(write_cached_steps=False)

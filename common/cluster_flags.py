@@ -1,0 +1,219 @@
+"""Flags shared by every process, so one `--flagfile` configures a whole cluster.
+
+Every binary defines all of these, so the same flagfile can be passed to the
+replay server, the learner, every actor and the evaluator; each reads the ones
+it needs. Defaults are the TF-Agents SAC Minitaur tutorial's.
+"""
+
+from absl import flags
+
+from common import config as config_lib
+from common.errors import UserError
+
+_SAC = config_lib.SacConfig()
+_REPLAY = config_lib.ReplayConfig()
+
+# --- What to train.
+ENV = flags.DEFINE_string(
+    'env', 'MinitaurBulletEnv-v0',
+    'Environment: a gym or PyBullet id, or package.module:factory.')
+ROOT_DIR = flags.DEFINE_string(
+    'root_dir', 'runs/sac',
+    "This process's output directory (checkpoints, summaries, videos); never "
+    'read by another process.')
+
+# --- Where the servers are.
+PORT = flags.DEFINE_integer(
+    'port', 8000, 'replay_server / variable_container: port to serve on.',
+    lower_bound=1, upper_bound=65535)
+REPLAY_ADDRESS = flags.DEFINE_string(
+    'replay_address', 'localhost:8000', 'host:port of the replay server.')
+VARIABLE_ADDRESS = flags.DEFINE_string(
+    'variable_address', '',
+    'host:port of the variable container; empty: the replay server.')
+SERVER_TIMEOUT_S = flags.DEFINE_float(
+    'server_timeout_s', 300,
+    'Seconds a client waits for a server before giving up.', lower_bound=0)
+
+# --- Agent hyperparameters.
+ACTOR_FC_LAYERS = flags.DEFINE_list(
+    'actor_fc_layers', [str(x) for x in _SAC.actor_fc_layers],
+    'Actor network hidden layer sizes.')
+CRITIC_JOINT_FC_LAYERS = flags.DEFINE_list(
+    'critic_joint_fc_layers', [str(x) for x in _SAC.critic_joint_fc_layers],
+    'Critic network joint hidden layer sizes.')
+ACTOR_LEARNING_RATE = flags.DEFINE_float(
+    'actor_learning_rate', _SAC.actor_learning_rate, 'Adam, actor.',
+    lower_bound=0)
+CRITIC_LEARNING_RATE = flags.DEFINE_float(
+    'critic_learning_rate', _SAC.critic_learning_rate, 'Adam, critic.',
+    lower_bound=0)
+ALPHA_LEARNING_RATE = flags.DEFINE_float(
+    'alpha_learning_rate', _SAC.alpha_learning_rate, 'Adam, entropy alpha.',
+    lower_bound=0)
+TARGET_UPDATE_TAU = flags.DEFINE_float(
+    'target_update_tau', _SAC.target_update_tau, 'Target network soft update.',
+    lower_bound=0, upper_bound=1)
+TARGET_UPDATE_PERIOD = flags.DEFINE_integer(
+    'target_update_period', _SAC.target_update_period,
+    'Train steps between target updates.', lower_bound=1)
+GAMMA = flags.DEFINE_float('gamma', _SAC.gamma, 'Discount.', lower_bound=0,
+                           upper_bound=1)
+REWARD_SCALE_FACTOR = flags.DEFINE_float(
+    'reward_scale_factor', _SAC.reward_scale_factor, 'Reward scale.')
+BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', _SAC.batch_size, 'Global training batch size.',
+    lower_bound=1)
+
+# --- Replay table.
+REPLAY_CAPACITY = flags.DEFINE_integer(
+    'replay_capacity', _REPLAY.replay_capacity,
+    'Items (2-step transitions) the replay table holds.', lower_bound=1)
+MIN_SIZE_TO_SAMPLE = flags.DEFINE_integer(
+    'min_size_to_sample', _REPLAY.min_size_to_sample,
+    'Items in the table before the learner may sample.', lower_bound=1)
+SAMPLES_PER_INSERT = flags.DEFINE_float(
+    'samples_per_insert', _REPLAY.samples_per_insert,
+    'Sampled items per inserted item (SampleToInsertRatio); 256 with batch '
+    '256 is one train step per env step, as in the tutorial.',
+    lower_bound=0)
+RATE_LIMITER = flags.DEFINE_enum(
+    'rate_limiter', 'ratio', ['ratio', 'min_size'],
+    'ratio: SampleToInsertRatio(--samples_per_insert); min_size: MinSize, '
+    'the learner samples as fast as it can.')
+
+# --- Schedule.
+TRAIN_STEPS = flags.DEFINE_integer(
+    'train_steps', 100000, 'Learner train steps.', lower_bound=1)
+INITIAL_COLLECT_STEPS = flags.DEFINE_integer(
+    'initial_collect_steps', 10000,
+    'Random-policy env steps before collecting with the policy, split over '
+    'the actors.', lower_bound=0)
+NUM_ACTORS = flags.DEFINE_integer(
+    'num_actors', 1, 'Collecting actors in the cluster.', lower_bound=1)
+EVAL_INTERVAL = flags.DEFINE_integer(
+    'eval_interval', 10000, 'Train steps between evaluations.',
+    lower_bound=1)
+NUM_EVAL_EPISODES = flags.DEFINE_integer(
+    'num_eval_episodes', 20, 'Episodes per evaluation.', lower_bound=1)
+POLICY_SAVE_INTERVAL = flags.DEFINE_integer(
+    'policy_save_interval', 5000,
+    'Train steps between policy SavedModels.', lower_bound=1)
+
+
+def _layers(flag) -> tuple:
+  try:
+    layers = tuple(int(x) for x in flag.value)
+  except ValueError:
+    raise UserError(f'--{flag.name}={",".join(flag.value)}: expected '
+                    'comma-separated positive integers, e.g. 256,256') from None
+  if any(x <= 0 for x in layers):
+    raise UserError(f'--{flag.name}: layer sizes must be positive')
+  return layers
+
+
+def sac_config() -> config_lib.SacConfig:
+  return config_lib.SacConfig(
+      actor_fc_layers=_layers(ACTOR_FC_LAYERS),
+      critic_joint_fc_layers=_layers(CRITIC_JOINT_FC_LAYERS),
+      actor_learning_rate=ACTOR_LEARNING_RATE.value,
+      critic_learning_rate=CRITIC_LEARNING_RATE.value,
+      alpha_learning_rate=ALPHA_LEARNING_RATE.value,
+      target_update_tau=TARGET_UPDATE_TAU.value,
+      target_update_period=TARGET_UPDATE_PERIOD.value,
+      gamma=GAMMA.value,
+      reward_scale_factor=REWARD_SCALE_FACTOR.value,
+      batch_size=BATCH_SIZE.value)
+
+
+def replay_config() -> config_lib.ReplayConfig:
+  if MIN_SIZE_TO_SAMPLE.value > REPLAY_CAPACITY.value:
+    raise UserError(
+        f'--min_size_to_sample={MIN_SIZE_TO_SAMPLE.value} is larger than '
+        f'--replay_capacity={REPLAY_CAPACITY.value}: the learner could never '
+        'sample; lower it or raise the capacity')
+  if RATE_LIMITER.value == 'ratio' and SAMPLES_PER_INSERT.value <= 0:
+    raise UserError('--samples_per_insert must be > 0 with '
+                    '--rate_limiter=ratio (or use --rate_limiter=min_size)')
+  return config_lib.ReplayConfig(
+      replay_capacity=REPLAY_CAPACITY.value,
+      min_size_to_sample=MIN_SIZE_TO_SAMPLE.value,
+      samples_per_insert=(SAMPLES_PER_INSERT.value
+                          if RATE_LIMITER.value == 'ratio' else None))
+
+
+def replay_address() -> str:
+  from common import reverb_connection  # pylint: disable=g-import-not-at-top
+  return reverb_connection.parse_address(REPLAY_ADDRESS.value,
+                                         'replay_address')
+
+
+def variable_address() -> str:
+  from common import reverb_connection  # pylint: disable=g-import-not-at-top
+  if not VARIABLE_ADDRESS.value:
+    return replay_address()
+  return reverb_connection.parse_address(VARIABLE_ADDRESS.value,
+                                         'variable_address')
+
+
+# --- replay_server.
+TABLES = flags.DEFINE_enum(
+    'tables', 'replay_and_variables', ['replay_and_variables', 'replay'],
+    'replay_server: tables to serve; "replay" when the variables live on a '
+    'separate `python -m variable_container`.')
+
+# --- learner.
+STRATEGY = flags.DEFINE_enum(
+    'strategy', 'default', ['default', 'mirrored', 'tpu'],
+    'learner: tf.distribute strategy. mirrored uses every GPU, or every '
+    'logical CPU device when there is no GPU.')
+TPU_ADDRESS = flags.DEFINE_string(
+    'tpu_address', '', 'learner: TPU name or address for --strategy=tpu.')
+LOGICAL_CPU_DEVICES = flags.DEFINE_integer(
+    'logical_cpu_devices', 0,
+    'learner: split the CPU into this many logical devices (0: leave as is); '
+    'lets --strategy=mirrored run on a CPU-only machine.', lower_bound=0)
+PUSH_INTERVAL_STEPS = flags.DEFINE_integer(
+    'push_interval_steps', 100,
+    'learner: train steps between pushes of the policy weights.',
+    lower_bound=1)
+ITERATIONS_PER_CALL = flags.DEFINE_integer(
+    'iterations_per_call', 10,
+    'learner: train steps run inside one tf.function call.', lower_bound=1)
+CHECKPOINT_INTERVAL_STEPS = flags.DEFINE_integer(
+    'checkpoint_interval_steps', 10000,
+    'learner: train steps between checkpoints.', lower_bound=1)
+LOG_INTERVAL_S = flags.DEFINE_float(
+    'log_interval_s', 10.0, 'Seconds between progress log lines.',
+    lower_bound=0.1)
+
+# --- actor.
+MODE = flags.DEFINE_enum(
+    'mode', 'collect', ['collect', 'eval'],
+    'actor: collect experience, or evaluate the greedy policy.')
+TASK = flags.DEFINE_integer('task', 0, 'actor: index of this actor.',
+                            lower_bound=0)
+PULL_INTERVAL_STEPS = flags.DEFINE_integer(
+    'pull_interval_steps', 100,
+    'actor: env steps between pulls of the policy weights.', lower_bound=1)
+MAX_TRAIN_STEPS = flags.DEFINE_integer(
+    'max_train_steps', 0,
+    "actor: exit once the learner's train_step reaches this; 0: "
+    '--train_steps.', lower_bound=0)
+
+
+def max_train_steps() -> int:
+  return MAX_TRAIN_STEPS.value or TRAIN_STEPS.value
+
+# --- launcher.
+WITH_EVALUATOR = flags.DEFINE_boolean(
+    'with_evaluator', True, 'launcher: also start an evaluator.')
+RESTART_ACTORS = flags.DEFINE_boolean(
+    'restart_actors', True, 'launcher: restart an actor that dies.')
+SHOW_CHILD_LOGS = flags.DEFINE_boolean(
+    'show_child_logs', True,
+    "launcher: echo every child's log lines, prefixed with its role (they "
+    'are always written to <root_dir>/logs/<role>.log).')
+PROGRESS_INTERVAL_S = flags.DEFINE_float(
+    'progress_interval_s', 10.0, 'launcher: seconds between progress lines.',
+    lower_bound=0.1)

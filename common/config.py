@@ -1,0 +1,50 @@
+"""Every hyperparameter of the agent and the replay table, with its default.
+
+The defaults are those of the TF-Agents "SAC Minitaur with the Actor-Learner
+API" tutorial. All processes build their agent, networks and table signatures
+from one `SacConfig`, so two processes given the same flags agree on every
+spec without exchanging files.
+"""
+
+import dataclasses
+from typing import Tuple
+
+# Table names shared with stock TF-Agents clients.
+REPLAY_TABLE = 'uniform_table'
+VARIABLE_TABLE = 'variables'  # reverb_variable_container.DEFAULT_TABLE
+# SAC learns from (s, a, r, s') pairs: 2-step items written with stride 1.
+SEQUENCE_LENGTH = 2
+STRIDE_LENGTH = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SacConfig:
+  """SAC hyperparameters (tutorial defaults)."""
+  actor_fc_layers: Tuple[int, ...] = (256, 256)
+  critic_joint_fc_layers: Tuple[int, ...] = (256, 256)
+  actor_learning_rate: float = 3e-4
+  critic_learning_rate: float = 3e-4
+  alpha_learning_rate: float = 3e-4
+  target_update_tau: float = 0.005
+  target_update_period: int = 1
+  gamma: float = 0.99
+  reward_scale_factor: float = 1.0
+  batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+  """Replay table settings (tutorial defaults).
+
+  `samples_per_insert` is the number of sampled items per inserted item. With
+  batches of 256 the default 256 means one train step per environment step,
+  the ratio of the tutorial's single-process loop. `None` uses a plain
+  `MinSize` limiter and lets the learner sample as fast as it can.
+  """
+  replay_capacity: int = 10000
+  min_size_to_sample: int = 10000
+  samples_per_insert: float = 256.0
+  # Slack of the SampleToInsertRatio limiter, as a fraction of
+  # `min_size_to_sample * samples_per_insert` (TF-Agents' distributed examples
+  # use 0.1).
+  samples_per_insert_tolerance: float = 0.1

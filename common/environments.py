@@ -1,0 +1,98 @@
+"""Loads a TF-Agents py environment from a name.
+
+A name is one of:
+  * a PyBullet gym id (`MinitaurBulletEnv-v0`), loaded with `suite_pybullet`;
+  * any other registered gym id (`Pendulum-v1`), loaded with `suite_gym`;
+  * `package.module:factory`, a callable returning a `PyEnvironment` or a gym
+    environment.
+"""
+
+import difflib
+import importlib
+import os
+from typing import Optional
+
+from common.errors import UserError
+
+
+def _registered_gym_ids():
+  import gym  # pylint: disable=g-import-not-at-top
+  # Registering the PyBullet ids is a side effect of importing pybullet_envs.
+  # tf_agents.environments stops importing its suites at suite_atari when
+  # ale_py is missing, so the PyBullet suite is imported explicitly too.
+  with open(os.devnull, 'w') as devnull, _redirect_stdout(devnull):
+    import pybullet_envs  # pylint: disable=g-import-not-at-top,unused-import
+  return gym.envs.registry
+
+
+class _redirect_stdout:
+  """Silences pybullet's 'pybullet build time' banner written to fd 1."""
+
+  def __init__(self, target):
+    self._target = target
+
+  def __enter__(self):
+    import sys  # pylint: disable=g-import-not-at-top
+    sys.stdout.flush()
+    self._saved = os.dup(1)
+    os.dup2(self._target.fileno(), 1)
+
+  def __exit__(self, *exc):
+    os.dup2(self._saved, 1)
+    os.close(self._saved)
+
+
+def _load_factory(name: str):
+  from tf_agents.environments import gym_wrapper  # pylint: disable=g-import-not-at-top
+  from tf_agents.environments import py_environment  # pylint: disable=g-import-not-at-top
+  module_name, _, attr = name.partition(':')
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise UserError(f'--env={name}: cannot import module {module_name!r} ({e}); '
+                    'expected --env=package.module:factory') from None
+  factory = getattr(module, attr, None)
+  if not callable(factory):
+    raise UserError(f'--env={name}: module {module_name!r} has no callable '
+                    f'{attr!r}; expected --env=package.module:factory')
+  env = factory()
+  if isinstance(env, py_environment.PyEnvironment):
+    return env
+  import gym  # pylint: disable=g-import-not-at-top
+  if isinstance(env, gym.Env):
+    return gym_wrapper.GymWrapper(env)
+  raise UserError(f'--env={name}: {attr}() returned {type(env).__name__}, '
+                  'expected a tf_agents PyEnvironment or a gym.Env')
+
+
+def load_environment(name: str, seed: Optional[int] = None):
+  """Returns the py environment called `name`; UserError if there is none."""
+  if not name:
+    raise UserError('--env is empty: give a gym/PyBullet id such as '
+                    'MinitaurBulletEnv-v0 or package.module:factory')
+  if ':' in name:
+    env = _load_factory(name)
+  else:
+    registry = _registered_gym_ids()
+    ids = list(registry.keys()) if hasattr(registry, 'keys') else [
+        s.id for s in registry.all()]
+    if name not in ids:
+      close = difflib.get_close_matches(name, ids, n=3)
+      hint = f'; did you mean {", ".join(close)}?' if close else (
+          '; give a gym/PyBullet id or package.module:factory')
+      raise UserError(f'unknown environment --env={name!r}{hint}')
+    spec = registry[name] if hasattr(registry, 'keys') else registry.spec(name)
+    entry_point = str(getattr(spec, 'entry_point', ''))
+    if 'pybullet' in entry_point:
+      from tf_agents.environments import suite_pybullet  # pylint: disable=g-import-not-at-top
+      with open(os.devnull, 'w') as devnull, _redirect_stdout(devnull):
+        env = suite_pybullet.load(name)
+    else:
+      from tf_agents.environments import suite_gym  # pylint: disable=g-import-not-at-top
+      env = suite_gym.load(name)
+  if seed is not None:
+    try:
+      env.seed(seed)
+    except (NotImplementedError, AttributeError):
+      pass
+  return env

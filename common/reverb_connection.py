@@ -1,0 +1,87 @@
+"""Talking to a Reverb server: addresses, waiting for it, checking its tables.
+
+Clients never assume a server is up: `wait_for_server` polls with backoff and
+logs while it waits, and gives up with a one-line `UserError` after the
+timeout (`--server_timeout_s`).
+"""
+
+import time
+from typing import Callable, Optional
+
+from absl import logging
+import reverb
+import tensorflow as tf
+
+from common.errors import UserError
+
+
+def parse_address(address: str, flag_name: str = 'address') -> str:
+  """Validates `host:port` and returns it unchanged."""
+  host, sep, port = (address or '').rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(f'--{flag_name}={address!r} is not host:port '
+                    '(e.g. localhost:8000)')
+  return address
+
+
+def wait_for_server(address: str, timeout_s: float, who: str = 'client',
+                    should_stop: Optional[Callable[[], bool]] = None):
+  """Blocks until the Reverb server at `address` answers; returns its info.
+
+  Raises:
+    UserError: the server did not answer within `timeout_s` seconds.
+  """
+  parse_address(address)
+  start = time.monotonic()
+  delay = 0.25
+  attempt = 0
+  last_log = -float('inf')
+  while True:
+    attempt += 1
+    remaining = timeout_s - (time.monotonic() - start)
+    try:
+      return reverb.Client(address).server_info(
+          timeout=max(1, min(5, int(remaining))))
+    except Exception as e:  # pylint: disable=broad-except
+      reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    elapsed = time.monotonic() - start
+    if elapsed >= timeout_s:
+      raise UserError(
+          f'{who}: Reverb server at {address} did not answer within '
+          f'{timeout_s:g}s ({reason}); start it (python -m replay_server) or '
+          'check the address, or raise --server_timeout_s')
+    if should_stop is not None and should_stop():
+      raise UserError(f'{who}: stopped while waiting for {address}')
+    if elapsed - last_log >= 5 or attempt == 1:
+      logging.info('%s: waiting for Reverb server at %s (%.0fs of %gs)',
+                   who, address, elapsed, timeout_s)
+      last_log = elapsed
+    time.sleep(min(delay, max(0.0, timeout_s - elapsed)))
+    delay = min(delay * 2, 5.0)
+
+
+def _describe(signature) -> str:
+  flat = tf.nest.flatten(signature)
+  parts = [f'{s.dtype.name}{list(s.shape)}' for s in flat]
+  text = ', '.join(parts)
+  return text if len(text) < 300 else text[:300] + '...'
+
+
+def check_table_signature(server_info, table: str, expected, address: str,
+                          hint: str = '') -> None:
+  """Raises UserError unless `table` exists with signature `expected`."""
+  if table not in server_info:
+    raise UserError(f'Reverb server at {address} has no table {table!r} '
+                    f'(it has {sorted(server_info)}){hint}')
+  offered = server_info[table].signature
+  if offered is None:
+    return
+  expected_flat = [(s.dtype, tuple(s.shape.as_list()))
+                   for s in tf.nest.flatten(expected)]
+  offered_flat = [(s.dtype, tuple(s.shape.as_list()))
+                  for s in tf.nest.flatten(offered)]
+  if expected_flat != offered_flat:
+    raise UserError(
+        f'table {table!r} at {address} expects [{_describe(offered)}] but '
+        f'this process offers [{_describe(expected)}]: --env and the network '
+        f'flags must match the server\'s{hint}')

@@ -1,0 +1,57 @@
+"""python -m launcher: a whole cluster on this machine, one OS process per role.
+
+Every flag given to the launcher (including --flagfile) is passed on to every
+child; the launcher adds only what differs per child (port, task, mode).
+"""
+
+import os
+import sys
+
+from common import process  # Must precede TensorFlow imports.
+
+from absl import flags
+import portpicker
+
+from common import cluster_flags as cf
+from launcher import supervisor
+
+
+def children(argv_flags, port: int):
+  address = f'localhost:{port}'
+  common_args = list(argv_flags) + [f'--replay_address={address}',
+                                    '--variable_address=']
+  kids = [
+      supervisor.Child('replay_server', 'replay_server',
+                       common_args + [f'--port={port}']),
+      supervisor.Child('learner', 'learner', common_args),
+  ]
+  for task in range(cf.NUM_ACTORS.value):
+    kids.append(supervisor.Child(
+        f'actor_{task}', 'actor',
+        common_args + [f'--task={task}', '--mode=collect'],
+        restartable=cf.RESTART_ACTORS.value))
+  if cf.WITH_EVALUATOR.value:
+    kids.append(supervisor.Child('evaluator', 'actor',
+                                 common_args + ['--mode=eval']))
+  return kids
+
+
+def main(_):
+  cf.replay_config()  # Fail here, once, rather than in every child.
+  cf.sac_config()
+  port = (cf.PORT.value if flags.FLAGS['port'].present
+          else portpicker.pick_unused_port())
+  root_dir = os.path.abspath(cf.ROOT_DIR.value)
+  os.makedirs(root_dir, exist_ok=True)
+  argv_flags = [a for a in sys.argv[1:] if not a.startswith('--root_dir')]
+  argv_flags.append(f'--root_dir={root_dir}')
+  sup = supervisor.Supervisor(
+      children(argv_flags, port), os.path.join(root_dir, 'logs'),
+      train_steps=cf.TRAIN_STEPS.value,
+      show_child_logs=cf.SHOW_CHILD_LOGS.value,
+      progress_interval_s=cf.PROGRESS_INTERVAL_S.value)
+  sys.exit(sup.run())
+
+
+if __name__ == '__main__':
+  process.run(main, 'launcher')

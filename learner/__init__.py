@@ -1,0 +1,1 @@
+"""The learner process: trains SAC from the replay table, pushes weights."""

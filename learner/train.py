@@ -1,0 +1,206 @@
+"""The learner's main loop: sample the replay table, train SAC, push weights.
+
+Owns the agent's trainable state. Everything periodic is a trigger: TF-Agents'
+`Learner` checkpoints and saves policies; this loop adds weight pushes and
+progress lines.
+"""
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from typing import Callable
+
+from absl import logging
+import reverb
+import tensorflow as tf
+from tf_agents.replay_buffers import reverb_replay_buffer
+from tf_agents.train import learner as tfa_learner
+from tf_agents.train import triggers
+from tf_agents.train.utils import train_utils
+
+from common import agents
+from common import config as config_lib
+from common import environments
+from common import progress
+from common import reverb_connection
+from common.errors import UserError
+from variable_container import VariableContainerClient
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSettings:
+  env_name: str
+  root_dir: str
+  replay_address: str
+  variable_address: str
+  train_steps: int
+  sac: config_lib.SacConfig = config_lib.SacConfig()
+  push_interval_steps: int = 100
+  iterations_per_call: int = 10
+  checkpoint_interval_steps: int = 10000
+  policy_save_interval: int = 5000
+  summary_interval: int = 100
+  server_timeout_s: float = 300.0
+  log_interval_s: float = 10.0
+  # Prefetched batches: the sampler keeps this many ready ahead of training.
+  prefetch_batches: int = 50
+
+
+@dataclasses.dataclass
+class LearnerResult:
+  train_step: int
+  start_step: int
+  loss: float
+  steps_per_second: float
+
+
+class _StallReporter:
+  """Logs why the learner is idle when train_step stops moving.
+
+  Sampling blocks inside TensorFlow while the replay table is below
+  `min_size_to_sample` or the rate limiter holds the learner back; without
+  this, a waiting learner would print nothing.
+  """
+
+  def __init__(self, replay_address: str, train_step: tf.Variable,
+               interval_s: float = 30.0):
+    self._address = replay_address
+    self._train_step = train_step
+    self._interval_s = interval_s
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._done.set()
+
+  def _run(self):
+    last_step = int(self._train_step.numpy())
+    while not self._done.wait(self._interval_s):
+      step = int(self._train_step.numpy())
+      if step != last_step:
+        last_step = step
+        continue
+      try:
+        info = reverb.Client(self._address).server_info(timeout=5)
+        table = info[config_lib.REPLAY_TABLE]
+        logging.info(
+            'learner: waiting for replay data at train_step %d: %s holds %d '
+            'items (%s)', step, config_lib.REPLAY_TABLE, table.current_size,
+            str(table.rate_limiter_info).replace('\n', ' ')[:200])
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('learner: replay server %s not answering (%s)',
+                        self._address, type(e).__name__)
+
+
+def _check_writable(root_dir: str) -> None:
+  try:
+    os.makedirs(root_dir, exist_ok=True)
+    probe = os.path.join(root_dir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'--root_dir={root_dir} is not writable ({e.strerror})'
+                    ) from None
+
+
+def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
+          should_stop: Callable[[], bool] = lambda: False) -> LearnerResult:
+  """Trains until `settings.train_steps` or `should_stop()`; returns a summary."""
+  s = settings
+  _check_writable(s.root_dir)
+  replicas = strategy.num_replicas_in_sync
+  if s.sac.batch_size % replicas:
+    raise UserError(f'--batch_size={s.sac.batch_size} does not split over '
+                    f'{replicas} replicas; use a multiple of {replicas}')
+  env = environments.load_environment(s.env_name)
+  with strategy.scope():
+    train_step = train_utils.create_train_step()
+    agent = agents.create_sac_agent(env, s.sac, train_step, s.env_name)
+  env.close()
+
+  info = reverb_connection.wait_for_server(
+      s.replay_address, s.server_timeout_s, 'learner', should_stop)
+  reverb_connection.check_table_signature(
+      info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
+      s.replay_address)
+  variables = agents.shared_variables(agent, train_step)
+  container = VariableContainerClient(
+      s.variable_address, variables, s.server_timeout_s, 'learner',
+      should_stop)
+
+  replay = reverb_replay_buffer.ReverbReplayBuffer(
+      agent.collect_data_spec,
+      sequence_length=config_lib.SEQUENCE_LENGTH,
+      table_name=config_lib.REPLAY_TABLE,
+      server_address=s.replay_address)
+  per_replica_batch = s.sac.batch_size // replicas
+
+  def experience_dataset_fn():
+    return replay.as_dataset(
+        sample_batch_size=per_replica_batch,
+        num_steps=config_lib.SEQUENCE_LENGTH).prefetch(s.prefetch_batches)
+
+  saved_model_dir = os.path.join(s.root_dir,
+                                 tfa_learner.POLICY_SAVED_MODEL_DIR)
+  learner = tfa_learner.Learner(
+      s.root_dir,
+      train_step,
+      agent,
+      experience_dataset_fn,
+      triggers=[
+          triggers.PolicySavedModelTrigger(
+              saved_model_dir, agent, train_step,
+              interval=s.policy_save_interval, save_collect_policy=False),
+      ],
+      checkpoint_interval=s.checkpoint_interval_steps,
+      summary_interval=s.summary_interval,
+      strategy=strategy)
+  start_step = int(learner.train_step_numpy)
+  if start_step:
+    logging.info('learner: resumed from checkpoint at train_step %d',
+                 start_step)
+  container.push(variables)
+  logging.info('learner: pushed initial weights (train_step %d); training to '
+               '%d steps, batch %d over %d replica(s)', start_step,
+               s.train_steps, s.sac.batch_size, replicas)
+
+  meter = progress.RateMeter(start_step, s.train_steps)
+  step, last_push, loss = start_step, start_step, float('nan')
+  first_rate, t_first = None, None
+  with _StallReporter(s.replay_address, train_step):
+    while step < s.train_steps and not should_stop():
+      iterations = min(s.iterations_per_call, s.train_steps - step,
+                       s.push_interval_steps - (step - last_push))
+      loss_info = learner.run(iterations=max(1, iterations))
+      loss = float(loss_info.loss.numpy())
+      step = int(learner.train_step_numpy)
+      if t_first is None:
+        t_first, first_rate = time.monotonic(), step
+      if step - last_push >= s.push_interval_steps:
+        container.push(variables)
+        last_push = step
+      if meter.due(s.log_interval_s):
+        rate = meter.update(step)
+        logging.info('learner: train_step %d/%d  %.1f steps/s  loss %.4g  '
+                     'eta %s', step, s.train_steps, rate, loss,
+                     meter.eta(step))
+      if not math.isfinite(loss):
+        raise UserError(f'learner: loss became {loss} at train_step {step}; '
+                        'lower the learning rates or reward scale')
+
+  # Final state: checkpoint (so a restart resumes here) and push (so actors
+  # and the evaluator see the last weights and the final train_step).
+  learner._checkpointer.save(train_step)  # pylint: disable=protected-access
+  container.push(variables)
+  elapsed = time.monotonic() - t_first if t_first else 0.0
+  rate = (step - first_rate) / elapsed if elapsed > 0 else 0.0
+  logging.info('learner: finished at train_step %d (started at %d); loss '
+               '%.4g; %.1f train steps/s', step, start_step, loss, rate)
+  return LearnerResult(step, start_step, loss, rate)

@@ -1,0 +1,1 @@
+"""The Reverb server process: the replay table and, by default, the variables table."""

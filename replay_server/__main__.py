@@ -1,0 +1,19 @@
+"""python -m replay_server: serves `uniform_table` and `variables` over Reverb."""
+
+from common import process  # Must precede TensorFlow imports.
+
+from common import cluster_flags
+
+
+def main(_):
+  from common import tables as tables_lib  # pylint: disable=g-import-not-at-top
+  stop = process.StopRequest().install()
+  tables = tables_lib.build_tables(
+      cluster_flags.ENV.value, cluster_flags.sac_config(),
+      cluster_flags.replay_config(),
+      with_variables=cluster_flags.TABLES.value == 'replay_and_variables')
+  tables_lib.serve(tables, cluster_flags.PORT.value, stop)
+
+
+if __name__ == '__main__':
+  process.run(main, 'replay_server')

@@ -1,0 +1,105 @@
+"""Starts the project's binaries as separate OS processes for tests.
+
+Each process logs to its own file under the test's tmp dir; whatever is still
+running when the test ends is terminated, then killed.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import portpicker
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small networks and batches: the behaviour under test does not depend on size.
+TINY = [
+    '--actor_fc_layers=32,32', '--critic_joint_fc_layers=32,32',
+    '--batch_size=32', '--samples_per_insert=32', '--log_interval_s=2',
+    '--server_timeout_s=120',
+]
+
+
+def free_port() -> int:
+  return portpicker.pick_unused_port()
+
+
+class Cluster:
+  """A set of named child processes with log files."""
+
+  def __init__(self, log_dir: str):
+    self.log_dir = log_dir
+    self.procs: Dict[str, subprocess.Popen] = {}
+    self._logs = {}
+
+  def start(self, name: str, module: str, args: List[str]) -> subprocess.Popen:
+    path = os.path.join(self.log_dir, f'{name}.log')
+    log = open(path, 'ab')
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, '-m', module] + list(args),
+                            cwd=REPO_ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    self.procs[name] = proc
+    self._logs[name] = (path, log)
+    return proc
+
+  def log(self, name: str) -> str:
+    with open(self._logs[name][0], errors='replace') as f:
+      return f.read()
+
+  def wait_for_log(self, name: str, pattern: str, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      m = re.search(pattern, self.log(name))
+      if m:
+        return m
+      if self.procs[name].poll() is not None:
+        m = re.search(pattern, self.log(name))
+        if m:
+          return m
+        raise AssertionError(f'{name} exited ({self.procs[name].returncode}) '
+                             f'before logging {pattern!r}:\n'
+                             f'{self.tail(name)}')
+      time.sleep(0.5)
+    raise AssertionError(f'{name} did not log {pattern!r} in {timeout}s:\n'
+                         f'{self.tail(name)}')
+
+  def wait(self, name: str, timeout: float) -> int:
+    try:
+      return self.procs[name].wait(timeout)
+    except subprocess.TimeoutExpired:
+      raise AssertionError(f'{name} still running after {timeout}s:\n'
+                           f'{self.tail(name)}') from None
+
+  def tail(self, name: str, lines: int = 40) -> str:
+    return '\n'.join(self.log(name).splitlines()[-lines:])
+
+  def signal(self, name: str, sig=signal.SIGTERM) -> None:
+    self.procs[name].send_signal(sig)
+
+  def stop_all(self) -> None:
+    for proc in self.procs.values():
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for proc in self.procs.values():
+      try:
+        proc.wait(max(0.1, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for _, log in self._logs.values():
+      log.close()
+
+
+def table_size(address: str, table: str = 'uniform_table') -> Optional[int]:
+  import reverb  # pylint: disable=g-import-not-at-top
+  try:
+    return reverb.Client(address).server_info(timeout=2)[table].current_size
+  except Exception:  # pylint: disable=broad-except
+    return None

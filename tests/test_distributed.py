@@ -1,0 +1,76 @@
+"""End to end: replay_server, learner and actors as separate OS processes."""
+
+import re
+import time
+
+from tests.cluster import TINY, free_port, table_size
+
+
+def _max_weights_step(log: str) -> int:
+  steps = [int(s) for s in re.findall(r'weights of train_step (\d+)', log)]
+  return max(steps, default=-1)
+
+
+def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
+  """Learner and two actors start before the server, wait, then train."""
+  port = free_port()
+  address = f'localhost:{port}'
+  train_steps = 600
+  flags = ['--env=MinitaurBulletEnv-v0', f'--replay_address={address}',
+           '--replay_capacity=5000', '--min_size_to_sample=200',
+           '--initial_collect_steps=200', f'--train_steps={train_steps}',
+           '--num_actors=2', '--push_interval_steps=20',
+           '--pull_interval_steps=20', '--policy_save_interval=100000'] + TINY
+  cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
+  for task in range(2):
+    cluster.start(f'actor_{task}', 'actor',
+                  flags + [f'--task={task}', f'--root_dir={tmp_path}/a'])
+  for name in ('learner', 'actor_0', 'actor_1'):
+    cluster.wait_for_log(name, f'waiting for Reverb server at {address}', 120)
+  time.sleep(2)
+  for name in ('learner', 'actor_0', 'actor_1'):
+    assert cluster.procs[name].poll() is None, cluster.tail(name)
+
+  cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
+  sizes = []
+  deadline = time.monotonic() + 300
+  while cluster.procs['learner'].poll() is None:
+    assert time.monotonic() < deadline, cluster.tail('learner')
+    size = table_size(address)
+    if size is not None and (not sizes or size != sizes[-1]):
+      sizes.append(size)
+    time.sleep(0.3)
+
+  assert cluster.wait('learner', 10) == 0, cluster.tail('learner')
+  finished = re.search(r'finished at train_step (\d+) \(started at 0\)',
+                       cluster.log('learner'))
+  assert finished and int(finished.group(1)) >= train_steps
+  # The table grew while the cluster ran: several distinct, rising sizes.
+  assert len(sizes) >= 3 and sizes[-1] > sizes[0] and sizes[-1] >= 200, sizes
+  for task in range(2):
+    name = f'actor_{task}'
+    assert cluster.wait(name, 60) == 0, cluster.tail(name)
+    log = cluster.log(name)
+    # Weights flowed learner -> server -> this actor.
+    assert _max_weights_step(log) > 0, cluster.tail(name)
+    assert 'training finished' in log
+  assert table_size(address) >= sizes[-1]
+
+
+def test_actor_gives_up_on_missing_server(cluster, tmp_path):
+  """No server: a one-line error and a non-zero exit after the timeout."""
+  port = free_port()
+  start = time.monotonic()
+  cluster.start('actor', 'actor', ['--env=Pendulum-v1',
+                                   f'--replay_address=localhost:{port}',
+                                   '--server_timeout_s=3',
+                                   f'--root_dir={tmp_path}'])
+  code = cluster.wait('actor', 60)
+  elapsed = time.monotonic() - start
+  assert code != 0
+  log = cluster.log('actor')
+  errors = [l for l in log.splitlines() if l.startswith('actor: error:')]
+  assert len(errors) == 1, log
+  assert f'localhost:{port} did not answer within 3s' in errors[0]
+  assert 'Traceback' not in log
+  assert elapsed < 45

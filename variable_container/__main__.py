@@ -1,0 +1,17 @@
+"""python -m variable_container: serves a variables-only Reverb table."""
+
+from common import process  # Must precede TensorFlow imports.
+
+from common import cluster_flags
+
+
+def main(_):
+  from common import tables as tables_lib  # pylint: disable=g-import-not-at-top
+  stop = process.StopRequest().install()
+  tables = tables_lib.build_tables(cluster_flags.ENV.value,
+                               cluster_flags.sac_config(), replay=None)
+  tables_lib.serve(tables, cluster_flags.PORT.value, stop)
+
+
+if __name__ == '__main__':
+  process.run(main, 'variable_container')
