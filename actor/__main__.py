@@ -17,7 +17,10 @@ def main(_):
         eval_interval=cf.EVAL_INTERVAL.value,
         num_eval_episodes=cf.NUM_EVAL_EPISODES.value,
         sac=cf.sac_config(),
-        server_timeout_s=cf.SERVER_TIMEOUT_S.value), stop)
+        server_timeout_s=cf.SERVER_TIMEOUT_S.value,
+        video_episodes=cf.VIDEO_EPISODES.value,
+        video_interval=cf.VIDEO_INTERVAL.value,
+        video_size=cf.video_size()), stop)
     return
   from actor import collect  # pylint: disable=g-import-not-at-top
   collect.collect(collect.ActorSettings(

@@ -13,6 +13,7 @@ from typing import Callable
 
 from absl import logging
 import reverb
+import tensorflow as tf
 from tf_agents.metrics import py_metrics
 from tf_agents.policies import py_tf_eager_policy
 from tf_agents.policies import random_py_policy
@@ -102,9 +103,10 @@ def collect(s: ActorSettings,
   def log_progress(phase):
     if meter.due(s.log_interval_s):
       rate = meter.update(env_steps.result())
-      logging.info('%s: %s  env_steps %d  %.1f env steps/s  acting with '
-                   'weights of train_step %s', who, phase, env_steps.result(),
-                   rate, weights_step)
+      policy = ('random policy' if phase == 'random' else
+                f'weights of train_step {weights_step}')
+      logging.info('%s: %s  env_steps %d  %.1f env steps/s  acting with %s',
+                   who, phase, env_steps.result(), rate, policy)
 
   try:
     # The random initial collect fills the table before the first train step;
@@ -131,20 +133,27 @@ def collect(s: ActorSettings,
         steps_per_run=s.pull_interval_steps,
         metrics=tfa_actor.collect_metrics(10),
         summary_dir=os.path.join(s.root_dir, f'actor_{s.task}'),
+        summary_interval=s.pull_interval_steps,
         observers=[observer, env_steps])
+    acted_step = None
     while not done():
-      weights_step = container.pull_into(variables)
-      if weights_step is None or weights_step >= s.max_train_steps:
+      newest = container.pull_into(variables)
+      if newest is None or newest >= s.max_train_steps:
         break
+      # How far behind the newest weights this actor was acting.
+      lag = newest - acted_step if acted_step is not None else 0
+      acted_step = weights_step = newest
       collect_actor.run()
+      with collect_actor.summary_writer.as_default():
+        tf.summary.scalar('Actor/weight_version_lag', lag, step=newest)
+        tf.summary.scalar('Actor/env_steps_per_second', meter.rate,
+                          step=newest)
       log_progress('collect')
   except CollectionStopped:
     pass
-  reason = ('training finished' if done.training_done or (
-      weights_step is not None and weights_step >= s.max_train_steps)
-            else 'stop requested')
-  logging.info('%s: %s; %d env steps, last weights of train_step %s, %.0fs '
-               'blocked by the rate limiter', who, reason, env_steps.result(),
-               weights_step, observer.blocked_s)
+  reason = 'stop requested' if should_stop() else 'training finished'
+  logging.info('%s: %s; %d env steps, last acted with weights of train_step '
+               '%s, %.0fs blocked by the rate limiter', who, reason,
+               env_steps.result(), weights_step, observer.blocked_s)
   env.close()
   return int(env_steps.result())

@@ -4,7 +4,9 @@ Follows the learner through the variables table: at every `eval_interval`
 train steps, and once at the final train_step, it pulls the weights, runs
 `num_eval_episodes` with the greedy policy and records AverageReturn and
 AverageEpisodeLength to TensorBoard under `<root_dir>/eval` and as a line of
-`<root_dir>/eval/metrics.jsonl`.
+`<root_dir>/eval/metrics.jsonl`, and redraws `<root_dir>/eval/returns.png`.
+At the end of training (and every `video_interval` steps, if set) it renders
+`video_episodes` greedy episodes into `<root_dir>/eval/step_<N>.mp4`.
 """
 
 import dataclasses
@@ -19,6 +21,7 @@ from tf_agents.policies import py_tf_eager_policy
 from tf_agents.train import actor as tfa_actor
 from tf_agents.train.utils import train_utils
 
+from actor import eval_outputs
 from common import agents
 from common import config as config_lib
 from common import environments
@@ -26,6 +29,7 @@ from variable_container import VariableContainerClient
 
 EVAL_DIR = 'eval'
 METRICS_FILE = 'metrics.jsonl'
+PLOT_FILE = 'returns.png'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,23 @@ class EvalSettings:
   sac: config_lib.SacConfig = config_lib.SacConfig()
   server_timeout_s: float = 300.0
   poll_interval_s: float = 1.0
+  video_episodes: int = 1
+  video_interval: int = 0  # 0: a video at the end of training only.
+  video_size: tuple = (480, 360)
+
+
+def read_metrics(eval_dir: str) -> List[dict]:
+  """Rows of metrics.jsonl, earlier runs' included; skips a torn last line."""
+  path = os.path.join(eval_dir, METRICS_FILE)
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          pass
+  return rows
 
 
 def evaluate(s: EvalSettings,
@@ -46,6 +67,7 @@ def evaluate(s: EvalSettings,
   """Evaluates until the final train_step is evaluated; returns the rows."""
   eval_dir = os.path.join(s.root_dir, EVAL_DIR)
   os.makedirs(eval_dir, exist_ok=True)
+  environments.set_render_size(*s.video_size)
   env = environments.load_environment(s.env_name, seed=12345)
   train_step = train_utils.create_train_step()
   agent = agents.create_sac_agent(env, s.sac, train_step, s.env_name)
@@ -53,16 +75,17 @@ def evaluate(s: EvalSettings,
   container = VariableContainerClient(s.variable_address, variables,
                                       s.server_timeout_s, 'evaluator',
                                       should_stop)
+  policy = py_tf_eager_policy.PyTFEagerPolicy(
+      greedy_policy.GreedyPolicy(agent.policy), use_tf_function=True)
   eval_actor = tfa_actor.Actor(
-      env,
-      py_tf_eager_policy.PyTFEagerPolicy(
-          greedy_policy.GreedyPolicy(agent.policy), use_tf_function=True),
-      train_step,
+      env, policy, train_step,
       episodes_per_run=s.num_eval_episodes,
       metrics=tfa_actor.eval_metrics(s.num_eval_episodes),
-      summary_dir=eval_dir)
+      summary_dir=eval_dir,
+      summary_interval=0)  # Written explicitly after every evaluation.
   rows = []
   next_eval = 0
+  next_video = s.video_interval
   while not should_stop():
     step = container.latest_train_step()
     if step is None or (step < next_eval and step < s.max_train_steps):
@@ -78,13 +101,27 @@ def evaluate(s: EvalSettings,
            'eval_seconds': round(time.monotonic() - started, 2),
            'time': time.time()}
     rows.append(row)
+    eval_actor.write_metric_summaries()
+    eval_actor.summary_writer.flush()
     with open(os.path.join(eval_dir, METRICS_FILE), 'a') as f:
       f.write(json.dumps(row) + '\n')
     logging.info('evaluator: train_step %d  AverageReturn %.2f  '
                  'AverageEpisodeLength %.1f (%d episodes, %.1fs)', step,
                  row['AverageReturn'], row['AverageEpisodeLength'],
                  s.num_eval_episodes, row['eval_seconds'])
-    if step >= s.max_train_steps:
+    eval_outputs.plot_returns(read_metrics(eval_dir),
+                              os.path.join(eval_dir, PLOT_FILE),
+                              f'{s.env_name}: greedy policy')
+    final = step >= s.max_train_steps
+    if s.video_episodes and (final or (
+        s.video_interval and step >= next_video)):
+      path = os.path.join(eval_dir, f'step_{step:08d}.mp4')
+      frames = eval_outputs.write_video(env, policy, path, s.video_episodes)
+      logging.info('evaluator: wrote %s (%d frames)', path, frames)
+      eval_actor.reset()  # The video moved the environment on.
+      if s.video_interval:
+        next_video = (step // s.video_interval + 1) * s.video_interval
+    if final:
       break
     next_eval = (step // s.eval_interval + 1) * s.eval_interval
   env.close()

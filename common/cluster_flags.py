@@ -217,3 +217,28 @@ SHOW_CHILD_LOGS = flags.DEFINE_boolean(
 PROGRESS_INTERVAL_S = flags.DEFINE_float(
     'progress_interval_s', 10.0, 'launcher: seconds between progress lines.',
     lower_bound=0.1)
+
+# --- evaluator (actor --mode=eval).
+VIDEO_EPISODES = flags.DEFINE_integer(
+    'video_episodes', 1,
+    'evaluator: greedy episodes rendered into each mp4 (0: no video).',
+    lower_bound=0)
+VIDEO_INTERVAL = flags.DEFINE_integer(
+    'video_interval', 0,
+    'evaluator: also write a video every this many train steps (0: only at '
+    'the end of training).', lower_bound=0)
+VIDEO_SIZE = flags.DEFINE_list(
+    'video_size', ['480', '360'],
+    'evaluator: width,height of Minitaur video frames (its software renderer '
+    'takes time in proportion to pixels; the environment default is 960,720).')
+
+
+def video_size() -> tuple:
+  try:
+    width, height = (int(x) for x in VIDEO_SIZE.value)
+  except ValueError:
+    raise UserError(f'--video_size={",".join(VIDEO_SIZE.value)}: expected '
+                    'width,height, e.g. 480,360') from None
+  if width <= 0 or height <= 0:
+    raise UserError('--video_size: width and height must be positive')
+  return width, height

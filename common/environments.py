@@ -96,3 +96,17 @@ def load_environment(name: str, seed: Optional[int] = None):
     except (NotImplementedError, AttributeError):
       pass
   return env
+
+
+def set_render_size(width: int, height: int) -> None:
+  """Sets the frame size PyBullet's Minitaur renders at.
+
+  Minitaur renders 960x720 frames (module constants, no argument) with the
+  software renderer, about 3 frames/s on a CPU; frame time scales with pixels.
+  """
+  try:
+    from pybullet_envs.bullet import minitaur_gym_env  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  minitaur_gym_env.RENDER_WIDTH = width
+  minitaur_gym_env.RENDER_HEIGHT = height

@@ -1,0 +1,113 @@
+"""The one-command local cluster: outputs, actor restarts, Ctrl-C."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import imageio
+import tensorflow as tf
+
+from tests.cluster import TINY
+
+PENDULUM = ['--env=Pendulum-v1', '--replay_capacity=5000',
+            '--min_size_to_sample=200', '--initial_collect_steps=200',
+            '--num_actors=2', '--push_interval_steps=20',
+            '--pull_interval_steps=20', '--policy_save_interval=100000',
+            '--progress_interval_s=2'] + TINY
+
+
+def _children_of(root_dir: str, launcher_pid: int):
+  """PIDs of the launcher's children: processes naming this root_dir."""
+  out = subprocess.run(['pgrep', '-f', '--', f'--root_dir={root_dir}'],
+                       capture_output=True, text=True).stdout
+  return [int(p) for p in out.split() if int(p) != launcher_pid]
+
+
+def _cmdline(pid: int) -> str:
+  with open(f'/proc/{pid}/cmdline') as f:
+    return f.read().replace('\0', ' ')
+
+
+def _tags(event_dir: str):
+  tags = set()
+  for path in glob.glob(os.path.join(event_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags.add(value.tag)
+  return tags
+
+
+def test_launcher_end_to_end_with_an_actor_killed(cluster, tmp_path):
+  root = str(tmp_path / 'run')
+  train_steps = 1500
+  launcher = cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', f'--train_steps={train_steps}',
+      '--eval_interval=500', '--num_eval_episodes=2', '--video_episodes=1'])
+  # Kill actor 1 mid-run; the launcher must restart it.
+  cluster.wait_for_log('launcher', r'\[learner\].*learner: train_step \d+',
+                       240)
+  victims = [p for p in _children_of(root, launcher.pid)
+             if '--task=1 --mode=collect' in _cmdline(p)]
+  assert len(victims) == 1, victims
+  os.kill(victims[0], signal.SIGKILL)
+  cluster.wait_for_log('launcher', r'actor_1 died with exit code -9; '
+                       r'restarting it', 30)
+  assert cluster.wait('launcher', 400) == 0, cluster.tail('launcher', 80)
+  log = cluster.log('launcher')
+  # The restarted actor came back (it logged again after the restart).
+  after = log.split('actor_1 died with exit code -9')[1]
+  assert re.search(r'\[actor_1\].*actor 1: ', after), after[-3000:]
+  # One progress line format a user watches.
+  assert re.search(r'\[launcher\] train_step \d+/1500 \([\d.]+%\) \| [\d.]+ '
+                   r'train steps/s \| [\d.]+ env steps/s \(\d actors\) \| '
+                   r'AverageReturn .* \| ETA', log)
+  assert not _children_of(root, launcher.pid)
+
+  eval_dir = os.path.join(root, 'eval')
+  with open(os.path.join(eval_dir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  steps = [r['train_step'] for r in rows]
+  assert len(rows) >= 2 and steps == sorted(set(steps)), rows
+  assert steps[-1] >= train_steps
+  assert all(isinstance(r['AverageReturn'], float) for r in rows)
+
+  png = os.path.join(eval_dir, 'returns.png')
+  image = imageio.v2.imread(png)
+  assert image.shape[0] >= 200 and image.shape[1] >= 300
+  assert os.path.getsize(png) > 5000
+  assert image.std() > 0  # Not a blank canvas.
+
+  videos = glob.glob(os.path.join(eval_dir, '*.mp4'))
+  assert len(videos) == 1, videos
+  frames = imageio.v2.mimread(videos[0], memtest=False)
+  # Pendulum episodes are 200 steps: the reset frame plus one per step.
+  assert len(frames) >= 201
+
+  assert {'Losses/critic_loss', 'Losses/actor_loss',
+          'Losses/alpha_loss'} <= _tags(os.path.join(root, 'train'))
+  for task in range(2):
+    tags = _tags(os.path.join(root, f'actor_{task}'))
+    assert {'Actor/env_steps_per_second', 'Actor/weight_version_lag',
+            'Metrics/AverageReturn'} <= tags, tags
+  assert {'Metrics/AverageReturn', 'Metrics/AverageEpisodeLength'} <= _tags(
+      eval_dir)
+
+
+def test_ctrl_c_stops_every_child(cluster, tmp_path):
+  root = str(tmp_path / 'run')
+  launcher = cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', '--train_steps=100000'])
+  cluster.wait_for_log('launcher', r'\[learner\].*learner: train_step \d+',
+                       240)
+  assert len(_children_of(root, launcher.pid)) == 5  # server, learner, 2 actors, evaluator
+  start = time.monotonic()
+  cluster.signal('launcher', signal.SIGINT)
+  code = cluster.wait('launcher', 30)
+  assert time.monotonic() - start < 30
+  assert code == 0, cluster.tail('launcher', 60)
+  assert not _children_of(root, launcher.pid), 'orphans left behind'
+  assert 'SIGINT received; stopping children' in cluster.log('launcher')
