@@ -19,6 +19,17 @@ from typing import Dict, List, Optional
 
 from common import progress
 
+
+def _die_with_parent() -> None:
+  """In the child: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    pr_set_pdeathsig = 1
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(pr_set_pdeathsig,
+                                                   signal.SIGTERM)
+  except OSError:
+    pass
+
 # Patterns in the children's log lines that feed the progress line.
 _TRAIN_RE = re.compile(r'learner: train_step (\d+)/(\d+)\s+([\d.]+) steps/s')
 _FINISHED_RE = re.compile(r'learner: finished at train_step (\d+)')
@@ -123,7 +134,7 @@ class Supervisor:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
         # Own process group: a terminal's Ctrl-C reaches the launcher only,
         # which then stops the children in order.
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_die_with_parent)
     threading.Thread(target=self._pump, args=(child, child.proc),
                      daemon=True).start()
 
@@ -145,22 +156,27 @@ class Supervisor:
     signal.signal(signal.SIGTERM, handler)
 
   def shutdown(self) -> None:
-    """SIGTERM every child (actors first, server last), then SIGKILL."""
-    order = sorted(self.children, key=lambda c: c.role == 'replay_server')
-    for c in order:
-      if c.proc and c.proc.poll() is None:
-        c.proc.send_signal(signal.SIGTERM)
+    """SIGTERM the children in order, then SIGKILL whatever is left.
+
+    The learner goes first, while actors still feed it, so it checkpoints at
+    once; the server goes last, once nobody talks to it.
+    """
     deadline = time.monotonic() + self.shutdown_grace_s
-    for c in order:
-      if c.proc is None:
-        continue
-      try:
-        c.proc.wait(max(0.1, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        self.say(f'[launcher] {c.role} did not stop in '
-                 f'{self.shutdown_grace_s:.0f}s; killing it')
-        os.killpg(c.proc.pid, signal.SIGKILL)
-        c.proc.wait()
+    rank = {'learner': 0, 'replay_server': 2}
+    for group in (0, 1, 2):
+      members = [c for c in self.children
+                 if rank.get(c.role, 1) == group and c.proc is not None]
+      for c in members:
+        if c.proc.poll() is None:
+          c.proc.send_signal(signal.SIGTERM)
+      for c in members:
+        try:
+          c.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+          self.say(f'[launcher] {c.role} did not stop in '
+                   f'{self.shutdown_grace_s:.0f}s; killing it')
+          os.killpg(c.proc.pid, signal.SIGKILL)
+          c.proc.wait()
 
   def run(self) -> int:
     os.makedirs(self.log_dir, exist_ok=True)
@@ -172,8 +188,12 @@ class Supervisor:
     exit_code = 0
     last_progress = time.monotonic()
     learner_done = None
+    parent = os.getppid()
     try:
       while not self._stop.wait(0.5):
+        if os.getppid() != parent:
+          self.request_stop('the process that started the launcher exited')
+          break
         for c in self.children:
           if c.done or c.proc.poll() is None:
             continue

@@ -8,7 +8,6 @@ progress lines.
 import dataclasses
 import math
 import os
-import threading
 import time
 from typing import Callable
 
@@ -46,6 +45,9 @@ class LearnerSettings:
   log_interval_s: float = 10.0
   # Prefetched batches: the sampler keeps this many ready ahead of training.
   prefetch_batches: int = 50
+  # A sample waits at most this long for the rate limiter; then the loop
+  # regains control (to log why it waits, or to stop) and samples again.
+  sample_timeout_ms: int = 1000
 
 
 @dataclasses.dataclass
@@ -56,46 +58,14 @@ class LearnerResult:
   steps_per_second: float
 
 
-class _StallReporter:
-  """Logs why the learner is idle when train_step stops moving.
-
-  Sampling blocks inside TensorFlow while the replay table is below
-  `min_size_to_sample` or the rate limiter holds the learner back; without
-  this, a waiting learner would print nothing.
-  """
-
-  def __init__(self, replay_address: str, train_step: tf.Variable,
-               interval_s: float = 30.0):
-    self._address = replay_address
-    self._train_step = train_step
-    self._interval_s = interval_s
-    self._done = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._done.set()
-
-  def _run(self):
-    last_step = int(self._train_step.numpy())
-    while not self._done.wait(self._interval_s):
-      step = int(self._train_step.numpy())
-      if step != last_step:
-        last_step = step
-        continue
-      try:
-        info = reverb.Client(self._address).server_info(timeout=5)
-        table = info[config_lib.REPLAY_TABLE]
-        logging.info(
-            'learner: waiting for replay data at train_step %d: %s holds %d '
-            'items (%s)', step, config_lib.REPLAY_TABLE, table.current_size,
-            str(table.rate_limiter_info).replace('\n', ' ')[:200])
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('learner: replay server %s not answering (%s)',
-                        self._address, type(e).__name__)
+def _table_state(address: str) -> str:
+  try:
+    info = reverb.Client(address).server_info(timeout=5)
+    table = info[config_lib.REPLAY_TABLE]
+    return (f'{config_lib.REPLAY_TABLE} holds {table.current_size} items; '
+            + str(table.rate_limiter_info).replace('\n', ' ')[:200])
+  except Exception as e:  # pylint: disable=broad-except
+    return f'replay server not answering ({type(e).__name__})'
 
 
 def _check_writable(root_dir: str) -> None:
@@ -139,13 +109,18 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
       agent.collect_data_spec,
       sequence_length=config_lib.SEQUENCE_LENGTH,
       table_name=config_lib.REPLAY_TABLE,
-      server_address=s.replay_address)
+      server_address=s.replay_address,
+      rate_limiter_timeout_ms=s.sample_timeout_ms)
   per_replica_batch = s.sac.batch_size // replicas
 
   def experience_dataset_fn():
     return replay.as_dataset(
         sample_batch_size=per_replica_batch,
         num_steps=config_lib.SEQUENCE_LENGTH).prefetch(s.prefetch_batches)
+
+  def new_iterator():
+    return iter(strategy.distribute_datasets_from_function(
+        lambda _: experience_dataset_fn()))
 
   saved_model_dir = os.path.join(s.root_dir,
                                  tfa_learner.POLICY_SAVED_MODEL_DIR)
@@ -174,26 +149,44 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   meter = progress.RateMeter(start_step, s.train_steps)
   step, last_push, loss = start_step, start_step, float('nan')
   first_rate, t_first = None, None
-  with _StallReporter(s.replay_address, train_step):
-    while step < s.train_steps and not should_stop():
-      iterations = min(s.iterations_per_call, s.train_steps - step,
-                       s.push_interval_steps - (step - last_push))
-      loss_info = learner.run(iterations=max(1, iterations))
-      loss = float(loss_info.loss.numpy())
+  iterator = None  # None: the Learner's own.
+  waiting_since, last_wait_log = None, 0.0
+  while step < s.train_steps and not should_stop():
+    iterations = min(s.iterations_per_call, s.train_steps - step,
+                     s.push_interval_steps - (step - last_push))
+    try:
+      loss_info = learner.run(iterations=max(1, iterations),
+                              iterator=iterator)
+    except tf.errors.OutOfRangeError:
+      # No sample within sample_timeout_ms: the table is below
+      # min_size_to_sample or the rate limiter waits for inserts. The
+      # dataset has ended; sample again from a fresh one.
+      now = time.monotonic()
+      waiting_since = waiting_since or now
+      if now - last_wait_log >= 30 or last_wait_log < waiting_since:
+        last_wait_log = now
+        logging.info('learner: waiting for replay data at train_step %d '
+                     'for %.0fs: %s', int(learner.train_step_numpy),
+                     now - waiting_since, _table_state(s.replay_address))
       step = int(learner.train_step_numpy)
-      if t_first is None:
-        t_first, first_rate = time.monotonic(), step
-      if step - last_push >= s.push_interval_steps:
-        container.push(variables)
-        last_push = step
-      if meter.due(s.log_interval_s):
-        rate = meter.update(step)
-        logging.info('learner: train_step %d/%d  %.1f steps/s  loss %.4g  '
-                     'eta %s', step, s.train_steps, rate, loss,
-                     meter.eta(step))
-      if not math.isfinite(loss):
-        raise UserError(f'learner: loss became {loss} at train_step {step}; '
-                        'lower the learning rates or reward scale')
+      iterator = new_iterator()
+      continue
+    waiting_since = None
+    loss = float(loss_info.loss.numpy())
+    step = int(learner.train_step_numpy)
+    if t_first is None:
+      t_first, first_rate = time.monotonic(), step
+    if step - last_push >= s.push_interval_steps:
+      container.push(variables)
+      last_push = step
+    if meter.due(s.log_interval_s):
+      rate = meter.update(step)
+      logging.info('learner: train_step %d/%d  %.1f steps/s  loss %.4g  '
+                   'eta %s', step, s.train_steps, rate, loss,
+                   meter.eta(step))
+    if not math.isfinite(loss):
+      raise UserError(f'learner: loss became {loss} at train_step {step}; '
+                      'lower the learning rates or reward scale')
 
   # Final state: checkpoint (so a restart resumes here) and push (so actors
   # and the evaluator see the last weights and the final train_step).
