@@ -29,7 +29,7 @@ def main(_):
       replay_address=cf.replay_address(),
       variable_address=cf.variable_address(),
       max_train_steps=cf.max_train_steps(),
-      task=cf.TASK.value,
+      task=cf.task(),
       num_actors=cf.NUM_ACTORS.value,
       initial_collect_steps=cf.INITIAL_COLLECT_STEPS.value,
       pull_interval_steps=cf.PULL_INTERVAL_STEPS.value,

@@ -9,7 +9,7 @@ variables table) reaches `max_train_steps`, or on SIGTERM.
 import dataclasses
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import logging
 import reverb
@@ -27,6 +27,7 @@ from common import config as config_lib
 from common import environments
 from common import progress
 from common import reverb_connection
+from common import tables
 from variable_container import VariableContainerClient
 
 
@@ -37,7 +38,7 @@ class ActorSettings:
   replay_address: str
   variable_address: str
   max_train_steps: int
-  task: int = 0
+  task: Optional[int] = 0  # None: take the next free index from the server.
   num_actors: int = 1
   initial_collect_steps: int = 10000
   pull_interval_steps: int = 100
@@ -79,14 +80,18 @@ class _DoneCheck:
 def collect(s: ActorSettings,
             should_stop: Callable[[], bool] = lambda: False) -> int:
   """Collects until training ends or `should_stop()`; returns env steps."""
-  who = f'actor {s.task}'
-  env = environments.load_environment(s.env_name, seed=s.task)
+  who = 'actor' if s.task is None else f'actor {s.task}'
+  info = reverb_connection.wait_for_server(
+      s.replay_address, s.server_timeout_s, who, should_stop)
+  task = s.task
+  if task is None:
+    task = tables.claim_actor_id(s.replay_address)
+    who = f'actor {task}'
+    logging.info('%s: took index %d from %s', who, task, s.replay_address)
+  env = environments.load_environment(s.env_name, seed=task)
   train_step = train_utils.create_train_step()
   agent = agents.create_sac_agent(env, s.sac, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)
-
-  info = reverb_connection.wait_for_server(
-      s.replay_address, s.server_timeout_s, who, should_stop)
   reverb_connection.check_table_signature(
       info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
       s.replay_address)
@@ -112,7 +117,7 @@ def collect(s: ActorSettings,
     # The random initial collect fills the table before the first train step;
     # a rejoining actor (the learner is past step 0) skips it.
     share = initial_collect_share(s.initial_collect_steps, s.num_actors,
-                                  s.task)
+                                  task)
     if share and not weights_step:
       logging.info('%s: random initial collect of %d steps', who, share)
       random_actor = tfa_actor.Actor(
@@ -132,7 +137,7 @@ def collect(s: ActorSettings,
         train_step,
         steps_per_run=s.pull_interval_steps,
         metrics=tfa_actor.collect_metrics(10),
-        summary_dir=os.path.join(s.root_dir, f'actor_{s.task}'),
+        summary_dir=os.path.join(s.root_dir, f'actor_{task}'),
         summary_interval=s.pull_interval_steps,
         observers=[observer, env_steps])
     acted_step = None

@@ -191,8 +191,11 @@ LOG_INTERVAL_S = flags.DEFINE_float(
 MODE = flags.DEFINE_enum(
     'mode', 'collect', ['collect', 'eval'],
     'actor: collect experience, or evaluate the greedy policy.')
-TASK = flags.DEFINE_integer('task', 0, 'actor: index of this actor.',
-                            lower_bound=0)
+TASK = flags.DEFINE_string(
+    'task', '0',
+    "actor: index of this actor, or 'auto' to take the next free index from "
+    'the replay server (replicas from one template, e.g. docker-compose '
+    '--scale actor=4).')
 PULL_INTERVAL_STEPS = flags.DEFINE_integer(
     'pull_interval_steps', 100,
     'actor: env steps between pulls of the policy weights.', lower_bound=1)
@@ -200,6 +203,15 @@ MAX_TRAIN_STEPS = flags.DEFINE_integer(
     'max_train_steps', 0,
     "actor: exit once the learner's train_step reaches this; 0: "
     '--train_steps.', lower_bound=0)
+
+
+def task():
+  """The actor index, or None for 'auto'."""
+  if TASK.value == 'auto':
+    return None
+  if not TASK.value.isdigit():
+    raise UserError(f"--task={TASK.value!r}: expected an index >= 0 or 'auto'")
+  return int(TASK.value)
 
 
 def max_train_steps() -> int:

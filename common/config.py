@@ -12,6 +12,9 @@ from typing import Tuple
 # Table names shared with stock TF-Agents clients.
 REPLAY_TABLE = 'uniform_table'
 VARIABLE_TABLE = 'variables'  # reverb_variable_container.DEFAULT_TABLE
+# A queue of free actor indices; `--task=auto` actors take the next one.
+ACTOR_ID_TABLE = 'actor_ids'
+MAX_ACTOR_IDS = 4096
 # SAC learns from (s, a, r, s') pairs: 2-step items written with stride 1.
 SEQUENCE_LENGTH = 2
 STRIDE_LENGTH = 1

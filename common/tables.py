@@ -9,6 +9,7 @@ import time
 from typing import List, Optional
 
 from absl import logging
+import numpy as np
 import reverb
 
 from common import agents
@@ -55,6 +56,34 @@ def variable_table(signature) -> reverb.Table:
       signature=signature)
 
 
+def actor_id_table() -> reverb.Table:
+  return reverb.Table.queue(config_lib.ACTOR_ID_TABLE,
+                            max_size=config_lib.MAX_ACTOR_IDS)
+
+
+def fill_actor_ids(address: str) -> None:
+  """Queues the indices 0, 1, ... for `--task=auto` actors to take in order."""
+  client = reverb.Client(address)
+  if client.server_info()[config_lib.ACTOR_ID_TABLE].current_size:
+    return  # Restored from a checkpoint: keep the indices not yet taken.
+  with client.writer(max_sequence_length=1) as writer:
+    for index in range(config_lib.MAX_ACTOR_IDS):
+      writer.append(np.int64(index))
+      writer.create_item(config_lib.ACTOR_ID_TABLE, num_timesteps=1,
+                         priority=1.0)
+
+
+def claim_actor_id(address: str) -> int:
+  """Takes the next free actor index from the replay server's queue."""
+  client = reverb.Client(address)
+  if config_lib.ACTOR_ID_TABLE not in client.server_info():
+    raise UserError(f'--task=auto: the server at {address} has no '
+                    f'{config_lib.ACTOR_ID_TABLE!r} table (not started with '
+                    'python -m replay_server?); give --task=<index>')
+  sample = next(client.sample(config_lib.ACTOR_ID_TABLE, num_samples=1))
+  return int(sample[0].data[0])
+
+
 def build_tables(env_name: str, sac: config_lib.SacConfig,
                  replay: Optional[config_lib.ReplayConfig],
                  with_variables: bool = True) -> List[reverb.Table]:
@@ -68,6 +97,7 @@ def build_tables(env_name: str, sac: config_lib.SacConfig,
   if replay is not None:
     tables.append(replay_table(agents.replay_signature(agent), replay,
                                sac.batch_size))
+    tables.append(actor_id_table())
   if with_variables:
     variables = agents.shared_variables(agent, agent.train_step_counter)
     tables.append(variable_table(agents.variable_signature(variables)))
@@ -88,6 +118,8 @@ def serve(tables: List[reverb.Table], port: int, should_stop,
   """Serves `tables` on `port` until `should_stop()`; logs table sizes."""
   server = start_server(tables, port)
   client = reverb.Client(f'localhost:{server.port}')
+  if any(t.name == config_lib.ACTOR_ID_TABLE for t in tables):
+    fill_actor_ids(f'localhost:{server.port}')
   names = ', '.join(t.name for t in tables)
   logging.info('serving tables [%s] on port %d', names, server.port)
   last_report = time.monotonic()
@@ -96,7 +128,8 @@ def serve(tables: List[reverb.Table], port: int, should_stop,
       if time.monotonic() - last_report >= report_interval_s:
         info = client.server_info()
         logging.info('table sizes: %s', ', '.join(
-            f'{name}={info[name].current_size}' for name in sorted(info)))
+            f'{name}={info[name].current_size}' for name in sorted(info)
+            if name != config_lib.ACTOR_ID_TABLE))
         last_report = time.monotonic()
   finally:
     logging.info('stopping server on port %d', server.port)

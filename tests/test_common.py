@@ -162,3 +162,26 @@ def test_rate_limiter_follows_replay_config():
       config_lib.ReplayConfig(min_size_to_sample=100, samples_per_insert=4),
       batch_size=32)
   assert isinstance(ratio, reverb.rate_limiters.SampleToInsertRatio)
+
+
+def test_auto_actor_ids_are_distinct_and_in_order():
+  built = tables.build_tables('Pendulum-v1', TINY_SAC,
+                              config_lib.ReplayConfig(min_size_to_sample=10))
+  server = reverb.Server(built, port=free_port())
+  address = f'localhost:{server.port}'
+  try:
+    tables.fill_actor_ids(address)
+    tables.fill_actor_ids(address)  # Idempotent: a restart keeps the queue.
+    assert [tables.claim_actor_id(address) for _ in range(3)] == [0, 1, 2]
+  finally:
+    server.stop()
+
+
+def test_auto_actor_id_needs_the_queue_table():
+  built = tables.build_tables('Pendulum-v1', TINY_SAC, replay=None)
+  server = reverb.Server(built, port=free_port())
+  try:
+    with pytest.raises(UserError, match="no 'actor_ids' table"):
+      tables.claim_actor_id(f'localhost:{server.port}')
+  finally:
+    server.stop()

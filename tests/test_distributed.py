@@ -12,7 +12,11 @@ def _max_weights_step(log: str) -> int:
 
 
 def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
-  """Learner and two actors start before the server, wait, then train."""
+  """Learner and two actors start before the server, wait, then train.
+
+  The actors are started alike (`--task=auto`), as replicas are, and take
+  distinct indices from the server.
+  """
   port = free_port()
   address = f'localhost:{port}'
   train_steps = 600
@@ -24,7 +28,7 @@ def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
   for task in range(2):
     cluster.start(f'actor_{task}', 'actor',
-                  flags + [f'--task={task}', f'--root_dir={tmp_path}/a'])
+                  flags + ['--task=auto', f'--root_dir={tmp_path}/a'])
   for name in ('learner', 'actor_0', 'actor_1'):
     cluster.wait_for_log(name, f'waiting for Reverb server at {address}', 120)
   time.sleep(2)
@@ -47,13 +51,17 @@ def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
   assert finished and int(finished.group(1)) >= train_steps
   # The table grew while the cluster ran: several distinct, rising sizes.
   assert len(sizes) >= 3 and sizes[-1] > sizes[0] and sizes[-1] >= 200, sizes
+  indices = set()
   for task in range(2):
     name = f'actor_{task}'
     assert cluster.wait(name, 60) == 0, cluster.tail(name)
+    indices.add(int(re.search(r'actor (\d+): took index', cluster.log(name)
+                              ).group(1)))
     log = cluster.log(name)
     # Weights flowed learner -> server -> this actor.
     assert _max_weights_step(log) > 0, cluster.tail(name)
     assert 'training finished' in log
+  assert indices == {0, 1}
   assert table_size(address) >= sizes[-1]
 
 
