@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# End-to-end test of `docker-compose up` with a real Docker engine.
+#   docker/test_compose.sh              install what is missing, start dockerd,
+#                                       build the images, run and check a cluster
+#   docker/test_compose.sh --install    only install the tools (docker.io,
+#                                       iptables, debootstrap, docker-compose)
+# Needs root for apt-get and dockerd. Stops the dockerd it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { echo "[docker-test] $*"; }
+fail() { echo "[docker-test] FAIL: $*" >&2; exit 1; }
+
+install_tools() {
+  local missing=()
+  command -v dockerd >/dev/null || missing+=(docker.io)
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+install_tools
+[ "${1:-}" = "--install" ] && exit 0
+
+project=sactest$$
+flagfile="$(mktemp /tmp/sac-test-flags.XXXXXX)"
+dockerd_pid=""
+export COMPOSE_PROJECT_NAME="$project" SAC_FLAGFILE="$flagfile"
+compose() { docker-compose -f docker-compose.yml "$@"; }
+
+cleanup() {
+  compose down -v --timeout 5 >/dev/null 2>&1 || true
+  rm -f "$flagfile"
+  if [ -n "$dockerd_pid" ]; then
+    say "stopping dockerd"
+    kill "$dockerd_pid" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 1; done
+  fi
+}
+trap cleanup EXIT
+
+if ! docker info >/dev/null 2>&1; then
+  say "starting dockerd (log: /tmp/dockerd.log)"
+  dockerd >/tmp/dockerd.log 2>&1 &
+  dockerd_pid=$!
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || {
+    tail -n 20 /tmp/dockerd.log >&2
+    fail "the Docker engine did not come up within 60s (see /tmp/dockerd.log)"; }
+fi
+
+docker/build_base_image.sh python:3.11-slim
+say "building distributed-sac:latest"
+DOCKER_BUILDKIT=0 docker build -q -f docker/Dockerfile -t distributed-sac:latest . >/dev/null
+
+# The compose file as users run it; only the flagfile differs: small counts.
+cat >"$flagfile" <<'FLAGS'
+--env=MinitaurBulletEnv-v0
+--replay_address=replay_server:8000
+--port=8000
+--num_actors=2
+--train_steps=300
+--initial_collect_steps=200
+--replay_capacity=5000
+--min_size_to_sample=200
+--samples_per_insert=32
+--batch_size=32
+--actor_fc_layers=32,32
+--critic_joint_fc_layers=32,32
+--push_interval_steps=20
+--pull_interval_steps=20
+--policy_save_interval=100000
+--eval_interval=100000
+--num_eval_episodes=1
+--video_episodes=0
+--log_interval_s=2
+FLAGS
+chmod 644 "$flagfile"
+
+say "docker-compose up --scale actor=2"
+compose up -d --scale actor=2 replay_server learner actor evaluator >/dev/null
+learner="$(compose ps -q learner)"
+[ -n "$learner" ] || fail "no learner container"
+code="$(timeout 600 docker wait "$learner")" || fail "learner still running after 600s"
+compose logs --no-color learner > /tmp/sac-learner.log 2>&1 || true
+[ "$code" = "0" ] || { tail -n 30 /tmp/sac-learner.log >&2; fail "learner exited $code"; }
+grep -q "learner: finished at train_step 300" /tmp/sac-learner.log || fail "learner did not reach 300 steps"
+say "learner exited 0 at train_step 300"
+
+for cid in $(compose ps -q evaluator) $(compose ps -q actor); do
+  timeout 120 docker wait "$cid" >/dev/null || fail "container $cid still running 120s after the learner"
+done
+compose logs --no-color actor > /tmp/sac-actors.log 2>&1 || true
+ids="$(grep -oE 'actor [0-9]+: took index' /tmp/sac-actors.log | awk '{print $2}' | sort -u | tr '\n' ' ')"
+[ "$(echo $ids | wc -w)" -ge 2 ] || fail "expected two actor indices, saw: $ids"
+for i in $ids; do
+  grep -qE "actor $i: (random|collect) +env_steps [1-9]" /tmp/sac-actors.log \
+    || grep -qE "actor $i: training finished; [1-9][0-9]* env steps" /tmp/sac-actors.log \
+    || fail "actor $i wrote no experience"
+done
+say "actors with indices $ids wrote to the replay table"
+
+rows="$(docker run --rm -v "${project}_sac_data:/data:ro" --entrypoint python distributed-sac:latest \
+  -c 'import json; rows=[json.loads(l) for l in open("/data/eval/metrics.jsonl")]; print(len(rows), rows[-1]["train_step"])')" \
+  || fail "evaluator wrote no metrics.jsonl"
+say "evaluator metrics: rows, last train_step = $rows"
+[ "${rows#* }" -ge 300 ] || fail "evaluator did not evaluate the final train_step"
+
+start=$(date +%s)
+compose down -v --timeout 10 >/dev/null
+elapsed=$(( $(date +%s) - start ))
+[ "$elapsed" -le 15 ] || fail "docker-compose down took ${elapsed}s (limit 15s)"
+say "docker-compose down took ${elapsed}s"
+say "PASS"
