@@ -96,7 +96,7 @@ for cid in $(compose ps -q evaluator) $(compose ps -q actor); do
   timeout 120 docker wait "$cid" >/dev/null || fail "container $cid still running 120s after the learner"
 done
 compose logs --no-color actor > /tmp/sac-actors.log 2>&1 || true
-ids="$(grep -oE 'actor [0-9]+: took index' /tmp/sac-actors.log | awk '{print $2}' | sort -u | tr '\n' ' ')"
+ids="$(grep -oE 'actor [0-9]+: took index' /tmp/sac-actors.log | grep -oE '[0-9]+' | sort -u | tr '\n' ' ')"
 [ "$(echo $ids | wc -w)" -ge 2 ] || fail "expected two actor indices, saw: $ids"
 for i in $ids; do
   grep -qE "actor $i: (random|collect) +env_steps [1-9]" /tmp/sac-actors.log \
