@@ -25,6 +25,7 @@ from actor.writer import StoppableTrajectoryObserver
 from common import agents
 from common import config as config_lib
 from common import environments
+from common import outputs
 from common import progress
 from common import reverb_connection
 from common import tables
@@ -81,6 +82,7 @@ def collect(s: ActorSettings,
             should_stop: Callable[[], bool] = lambda: False) -> int:
   """Collects until training ends or `should_stop()`; returns env steps."""
   who = 'actor' if s.task is None else f'actor {s.task}'
+  outputs.ensure_writable_dir(s.root_dir)
   info = reverb_connection.wait_for_server(
       s.replay_address, s.server_timeout_s, who, should_stop)
   task = s.task

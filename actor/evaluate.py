@@ -25,6 +25,7 @@ from actor import eval_outputs
 from common import agents
 from common import config as config_lib
 from common import environments
+from common import outputs
 from variable_container import VariableContainerClient
 
 EVAL_DIR = 'eval'
@@ -65,8 +66,7 @@ def read_metrics(eval_dir: str) -> List[dict]:
 def evaluate(s: EvalSettings,
              should_stop: Callable[[], bool] = lambda: False) -> List[dict]:
   """Evaluates until the final train_step is evaluated; returns the rows."""
-  eval_dir = os.path.join(s.root_dir, EVAL_DIR)
-  os.makedirs(eval_dir, exist_ok=True)
+  eval_dir = outputs.ensure_writable_dir(os.path.join(s.root_dir, EVAL_DIR))
   environments.set_render_size(*s.video_size)
   env = environments.load_environment(s.env_name, seed=12345)
   train_step = train_utils.create_train_step()

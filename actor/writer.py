@@ -56,9 +56,15 @@ class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
           raise CollectionStopped() from None
         if now - start - last_log >= 30:
           last_log = now - start
-          logging.info('%s: replay table is rate-limiting inserts for %.0fs '
-                       '(the learner samples slower than actors insert)',
-                       self._who, last_log)
+          try:
+            self.py_client.server_info(timeout=5)
+            logging.info('%s: replay table is rate-limiting inserts for '
+                         '%.0fs (the learner samples slower than actors '
+                         'insert, or has stopped)', self._who, last_log)
+          except Exception:  # pylint: disable=broad-except
+            logging.warning('%s: replay server unreachable for %.0fs; '
+                            'waiting for it to come back (the writer '
+                            'reconnects and resends)', self._who, last_log)
     if start is not None:
       self.blocked_s += time.monotonic() - start
 

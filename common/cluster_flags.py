@@ -135,6 +135,13 @@ def replay_config() -> config_lib.ReplayConfig:
   if RATE_LIMITER.value == 'ratio' and SAMPLES_PER_INSERT.value <= 0:
     raise UserError('--samples_per_insert must be > 0 with '
                     '--rate_limiter=ratio (or use --rate_limiter=min_size)')
+  if (RATE_LIMITER.value == 'ratio' and
+      MIN_SIZE_TO_SAMPLE.value < BATCH_SIZE.value):
+    raise UserError(
+        f'--samples_per_insert needs --min_size_to_sample '
+        f'({MIN_SIZE_TO_SAMPLE.value}) >= --batch_size ({BATCH_SIZE.value}): '
+        'the ratio is kept from the first batch on, so that batch must come '
+        'from at least a batch of items; raise --min_size_to_sample')
   return config_lib.ReplayConfig(
       replay_capacity=REPLAY_CAPACITY.value,
       min_size_to_sample=MIN_SIZE_TO_SAMPLE.value,
@@ -254,3 +261,13 @@ def video_size() -> tuple:
   if width <= 0 or height <= 0:
     raise UserError('--video_size: width and height must be positive')
   return width, height
+
+# --- replay_server persistence.
+CHECKPOINT_DIR = flags.DEFINE_string(
+    'checkpoint_dir', '',
+    'replay_server: directory for Reverb checkpoints of every table (replay, '
+    'variables, actor indices); restored at start. Empty: no persistence.')
+CHECKPOINT_INTERVAL_S = flags.DEFINE_float(
+    'checkpoint_interval_s', 600,
+    'replay_server: seconds between table checkpoints (one is also written '
+    'on SIGTERM).', lower_bound=1)

@@ -12,6 +12,7 @@ import threading
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 from common.errors import UserError  # pylint: disable=g-import-not-at-top
@@ -65,4 +66,11 @@ def run(main, program: str):
       sys.stderr.flush()
       os._exit(2)  # pylint: disable=protected-access
 
-  app.run(_main)
+  def _parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      sys.stderr.write(f'{program}: error: {e} (see --helpfull)\n')
+      sys.exit(2)
+
+  app.run(_main, flags_parser=_parse_flags)

@@ -5,6 +5,8 @@ environment and hyperparameters, so the server can start before any learner
 exists and never reads another process's files.
 """
 
+import errno
+import socket
 import time
 from typing import List, Optional
 
@@ -15,6 +17,7 @@ import reverb
 from common import agents
 from common import config as config_lib
 from common import environments
+from common import outputs
 from common.errors import UserError
 
 
@@ -104,33 +107,80 @@ def build_tables(env_name: str, sac: config_lib.SacConfig,
   return tables
 
 
-def start_server(tables: List[reverb.Table], port: int) -> reverb.Server:
+def start_server(tables: List[reverb.Table], port: int,
+                 checkpoint_dir: str = '') -> reverb.Server:
+  """Starts serving; with `checkpoint_dir`, first restores its latest checkpoint."""
+  checkpointer = None
+  if checkpoint_dir:
+    outputs.ensure_writable_dir(checkpoint_dir, 'checkpoint_dir')
+    checkpointer = reverb.checkpointers.DefaultCheckpointer(path=checkpoint_dir)
+  if not _port_is_free(port):
+    raise UserError(f'port {port} is already in use; stop whatever holds it '
+                    'or pick another --port')
   try:
-    return reverb.Server(tables, port=port)
+    return reverb.Server(tables, port=port, checkpointer=checkpointer)
   except Exception as e:  # pylint: disable=broad-except
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f'cannot serve on port {port} ({reason}); is another '
-                    'server using it? pick another --port') from None
+    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    if checkpoint_dir:
+      raise UserError(f'cannot restore the checkpoint in {checkpoint_dir} '
+                      f'({reason}); was it written for another --env or other '
+                      'network flags? use an empty --checkpoint_dir') from None
+    raise UserError(f'cannot serve on port {port} ({reason})') from None
+
+
+def _port_is_free(port: int) -> bool:
+  for family, host in ((socket.AF_INET6, '::'), (socket.AF_INET, '0.0.0.0')):
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+      try:
+        sock.bind((host, port))
+      except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+          return False
+  return True
+
+
+def _sizes(client: reverb.Client) -> str:
+  info = client.server_info(timeout=10)
+  return ', '.join(f'{name}={info[name].current_size}' for name in sorted(info)
+                   if name != config_lib.ACTOR_ID_TABLE)
 
 
 def serve(tables: List[reverb.Table], port: int, should_stop,
+          checkpoint_dir: str = '', checkpoint_interval_s: float = 600.0,
           report_interval_s: float = 30.0) -> None:
-  """Serves `tables` on `port` until `should_stop()`; logs table sizes."""
-  server = start_server(tables, port)
-  client = reverb.Client(f'localhost:{server.port}')
+  """Serves `tables` on `port` until `should_stop`; checkpoints if asked.
+
+  With `checkpoint_dir`, the tables are restored from its latest checkpoint at
+  start, checkpointed every `checkpoint_interval_s` and once more on stop.
+  """
+  server = start_server(tables, port, checkpoint_dir)
+  address = f'localhost:{server.port}'
+  client = reverb.Client(address)
   if any(t.name == config_lib.ACTOR_ID_TABLE for t in tables):
-    fill_actor_ids(f'localhost:{server.port}')
+    fill_actor_ids(address)
   names = ', '.join(t.name for t in tables)
   logging.info('serving tables [%s] on port %d', names, server.port)
-  last_report = time.monotonic()
+  if checkpoint_dir:
+    logging.info('checkpoints in %s every %gs; restored: %s', checkpoint_dir,
+                 checkpoint_interval_s, _sizes(client))
+  last_report = last_checkpoint = time.monotonic()
+
+  def checkpoint(why):
+    path = client.checkpoint()
+    logging.info('checkpoint (%s) written to %s: %s', why, path,
+                 _sizes(client))
+
   try:
     while not should_stop.wait(1.0):
-      if time.monotonic() - last_report >= report_interval_s:
-        info = client.server_info()
-        logging.info('table sizes: %s', ', '.join(
-            f'{name}={info[name].current_size}' for name in sorted(info)
-            if name != config_lib.ACTOR_ID_TABLE))
-        last_report = time.monotonic()
+      now = time.monotonic()
+      if checkpoint_dir and now - last_checkpoint >= checkpoint_interval_s:
+        checkpoint('periodic')
+        last_checkpoint = now
+      if now - last_report >= report_interval_s:
+        logging.info('table sizes: %s', _sizes(client))
+        last_report = now
+    if checkpoint_dir:
+      checkpoint('on stop')
   finally:
     logging.info('stopping server on port %d', server.port)
     server.stop()

@@ -8,6 +8,7 @@ progress lines.
 import dataclasses
 import math
 import os
+import threading
 import time
 from typing import Callable
 
@@ -22,6 +23,7 @@ from tf_agents.train.utils import train_utils
 from common import agents
 from common import config as config_lib
 from common import environments
+from common import outputs
 from common import progress
 from common import reverb_connection
 from common.errors import UserError
@@ -68,23 +70,46 @@ def _table_state(address: str) -> str:
     return f'replay server not answering ({type(e).__name__})'
 
 
-def _check_writable(root_dir: str) -> None:
-  try:
-    os.makedirs(root_dir, exist_ok=True)
-    probe = os.path.join(root_dir, '.write_test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'--root_dir={root_dir} is not writable ({e.strerror})'
-                    ) from None
+class _Heartbeat:
+  """Logs why training is stuck when train_step stops moving for a while.
+
+  Sampling can block inside TensorFlow, e.g. while the replay server is away
+  (Reverb reconnects on its own once it is back); this thread keeps such a
+  wait visible in the log.
+  """
+
+  def __init__(self, replay_address: str, train_step: tf.Variable,
+               interval_s: float = 30.0):
+    self._address = replay_address
+    self._train_step = train_step
+    self._interval_s = interval_s
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def start(self) -> '_Heartbeat':
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._done.set()
+
+  def _run(self):
+    last_step, still = int(self._train_step.numpy()), 0.0
+    while not self._done.wait(self._interval_s):
+      step = int(self._train_step.numpy())
+      if step != last_step:
+        last_step, still = step, 0.0
+        continue
+      still += self._interval_s
+      logging.info('learner: no train step for %.0fs (train_step %d): %s',
+                   still, step, _table_state(self._address))
 
 
 def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
           should_stop: Callable[[], bool] = lambda: False) -> LearnerResult:
   """Trains until `settings.train_steps` or `should_stop()`; returns a summary."""
   s = settings
-  _check_writable(s.root_dir)
+  outputs.ensure_writable_dir(s.root_dir)
   replicas = strategy.num_replicas_in_sync
   if s.sac.batch_size % replicas:
     raise UserError(f'--batch_size={s.sac.batch_size} does not split over '
@@ -151,42 +176,56 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   first_rate, t_first = None, None
   iterator = None  # None: the Learner's own.
   waiting_since, last_wait_log = None, 0.0
-  while step < s.train_steps and not should_stop():
-    iterations = min(s.iterations_per_call, s.train_steps - step,
-                     s.push_interval_steps - (step - last_push))
-    try:
-      loss_info = learner.run(iterations=max(1, iterations),
-                              iterator=iterator)
-    except tf.errors.OutOfRangeError:
-      # No sample within sample_timeout_ms: the table is below
-      # min_size_to_sample or the rate limiter waits for inserts. The
-      # dataset has ended; sample again from a fresh one.
-      now = time.monotonic()
-      waiting_since = waiting_since or now
-      if now - last_wait_log >= 30 or last_wait_log < waiting_since:
-        last_wait_log = now
-        logging.info('learner: waiting for replay data at train_step %d '
-                     'for %.0fs: %s', int(learner.train_step_numpy),
-                     now - waiting_since, _table_state(s.replay_address))
+  heartbeat = _Heartbeat(s.replay_address, train_step).start()
+  try:
+    while step < s.train_steps and not should_stop():
+      iterations = min(s.iterations_per_call, s.train_steps - step,
+                       s.push_interval_steps - (step - last_push))
+      try:
+        loss_info = learner.run(iterations=max(1, iterations),
+                                iterator=iterator)
+      except (tf.errors.UnavailableError, tf.errors.CancelledError,
+              tf.errors.AbortedError) as e:
+        logging.warning('learner: lost the replay server at %s (%s); '
+                        'waiting for it', s.replay_address, type(e).__name__)
+        reverb_connection.wait_for_server(s.replay_address,
+                                          s.server_timeout_s, 'learner',
+                                          should_stop)
+        step = int(learner.train_step_numpy)
+        iterator = new_iterator()
+        continue
+      except tf.errors.OutOfRangeError:
+        # No sample within sample_timeout_ms: the table is below
+        # min_size_to_sample or the rate limiter waits for inserts. The
+        # dataset has ended; sample again from a fresh one.
+        now = time.monotonic()
+        waiting_since = waiting_since or now
+        if now - last_wait_log >= 30 or last_wait_log < waiting_since:
+          last_wait_log = now
+          logging.info('learner: waiting for replay data at train_step %d '
+                       'for %.0fs: %s', int(learner.train_step_numpy),
+                       now - waiting_since, _table_state(s.replay_address))
+        step = int(learner.train_step_numpy)
+        iterator = new_iterator()
+        continue
+      waiting_since = None
+      loss = float(loss_info.loss.numpy())
       step = int(learner.train_step_numpy)
-      iterator = new_iterator()
-      continue
-    waiting_since = None
-    loss = float(loss_info.loss.numpy())
-    step = int(learner.train_step_numpy)
-    if t_first is None:
-      t_first, first_rate = time.monotonic(), step
-    if step - last_push >= s.push_interval_steps:
-      container.push(variables)
-      last_push = step
-    if meter.due(s.log_interval_s):
-      rate = meter.update(step)
-      logging.info('learner: train_step %d/%d  %.1f steps/s  loss %.4g  '
-                   'eta %s', step, s.train_steps, rate, loss,
-                   meter.eta(step))
-    if not math.isfinite(loss):
-      raise UserError(f'learner: loss became {loss} at train_step {step}; '
-                      'lower the learning rates or reward scale')
+      if t_first is None:
+        t_first, first_rate = time.monotonic(), step
+      if step - last_push >= s.push_interval_steps:
+        container.push(variables)
+        last_push = step
+      if meter.due(s.log_interval_s):
+        rate = meter.update(step)
+        logging.info('learner: train_step %d/%d  %.1f steps/s  loss %.4g  '
+                     'eta %s', step, s.train_steps, rate, loss,
+                     meter.eta(step))
+      if not math.isfinite(loss):
+        raise UserError(f'learner: loss became {loss} at train_step {step}; '
+                        'lower the learning rates or reward scale')
+  finally:
+    heartbeat.stop()
 
   # Final state: checkpoint (so a restart resumes here) and push (so actors
   # and the evaluator see the last weights and the final train_step).

@@ -12,7 +12,9 @@ def main(_):
       cluster_flags.ENV.value, cluster_flags.sac_config(),
       cluster_flags.replay_config(),
       with_variables=cluster_flags.TABLES.value == 'replay_and_variables')
-  tables_lib.serve(tables, cluster_flags.PORT.value, stop)
+  tables_lib.serve(tables, cluster_flags.PORT.value, stop,
+                   checkpoint_dir=cluster_flags.CHECKPOINT_DIR.value,
+                   checkpoint_interval_s=cluster_flags.CHECKPOINT_INTERVAL_S.value)
 
 
 if __name__ == '__main__':

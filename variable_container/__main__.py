@@ -9,8 +9,10 @@ def main(_):
   from common import tables as tables_lib  # pylint: disable=g-import-not-at-top
   stop = process.StopRequest().install()
   tables = tables_lib.build_tables(cluster_flags.ENV.value,
-                               cluster_flags.sac_config(), replay=None)
-  tables_lib.serve(tables, cluster_flags.PORT.value, stop)
+                                   cluster_flags.sac_config(), replay=None)
+  tables_lib.serve(tables, cluster_flags.PORT.value, stop,
+                   checkpoint_dir=cluster_flags.CHECKPOINT_DIR.value,
+                   checkpoint_interval_s=cluster_flags.CHECKPOINT_INTERVAL_S.value)
 
 
 if __name__ == '__main__':

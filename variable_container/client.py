@@ -22,6 +22,7 @@ TRAIN_STEP_KEY = reverb_variable_container.TRAIN_STEP_KEY
 
 # Errors after which a retry can succeed: the server is restarting or slow.
 _TRANSIENT = (reverb.errors.DeadlineExceededError, tf.errors.UnavailableError,
+              reverb.errors.ReverbError,
               tf.errors.DeadlineExceededError, tf.errors.CancelledError,
               tf.errors.AbortedError)
 
@@ -47,7 +48,24 @@ class VariableContainerClient:
         address, table_names=[table])
     self._client = reverb.Client(address)
 
+  def _ensure_reachable(self) -> None:
+    """Waits (logging) while the server is away.
+
+    A pull from an unreachable server blocks inside Reverb with no timeout;
+    asking first keeps an outage visible and bounded by the wait timeout.
+    """
+    try:
+      self._client.server_info(timeout=5)
+    except Exception:  # pylint: disable=broad-except
+      logging.warning('%s: Reverb server at %s is unreachable; waiting for it',
+                      self._who, self._address)
+      reverb_connection.wait_for_server(self._address, self._timeout_s,
+                                        self._who, self._should_stop)
+      logging.info('%s: Reverb server at %s is back', self._who,
+                   self._address)
+
   def _retry(self, what: str, fn):
+    self._ensure_reachable()
     start = time.monotonic()
     delay = 0.5
     while True:
@@ -69,7 +87,8 @@ class VariableContainerClient:
     self._retry('push', lambda: self._container.push(variables, self._table))
 
   def has_variables(self) -> bool:
-    info = self._retry('server_info', self._client.server_info)
+    info = self._retry('server_info',
+                       lambda: self._client.server_info(timeout=10))
     return info[self._table].current_size > 0
 
   def pull_into(self, variables, wait: bool = True) -> Optional[int]:
