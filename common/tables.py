@@ -129,8 +129,10 @@ def start_server(tables: List[reverb.Table], port: int,
 
 
 def _port_is_free(port: int) -> bool:
+  """False if something listens on `port` (as gRPC, ignores TIME_WAIT)."""
   for family, host in ((socket.AF_INET6, '::'), (socket.AF_INET, '0.0.0.0')):
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
       try:
         sock.bind((host, port))
       except OSError as e:
@@ -166,9 +168,11 @@ def serve(tables: List[reverb.Table], port: int, should_stop,
   last_report = last_checkpoint = time.monotonic()
 
   def checkpoint(why):
+    # Sizes read first: inserts continue while the checkpoint is written, so
+    # it holds at least these items (until the table is full).
+    sizes = _sizes(client)
     path = client.checkpoint()
-    logging.info('checkpoint (%s) written to %s: %s', why, path,
-                 _sizes(client))
+    logging.info('checkpoint (%s) written to %s: %s', why, path, sizes)
 
   try:
     while not should_stop.wait(1.0):

@@ -12,7 +12,7 @@ def _max_weights_step(log: str) -> int:
 
 
 def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
-  """Learner and two actors start before the server, wait, then train.
+  """Actors, then the learner, then the server: the clients wait, then train.
 
   The actors are started alike (`--task=auto`), as replicas are, and take
   distinct indices from the server.
@@ -25,12 +25,15 @@ def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
            '--initial_collect_steps=200', f'--train_steps={train_steps}',
            '--num_actors=2', '--push_interval_steps=20',
            '--pull_interval_steps=20', '--policy_save_interval=100000'] + TINY
-  cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
+  # Reverse order: actors, then the learner, then the server.
   for task in range(2):
     cluster.start(f'actor_{task}', 'actor',
                   flags + ['--task=auto', f'--root_dir={tmp_path}/a'])
-  for name in ('learner', 'actor_0', 'actor_1'):
-    cluster.wait_for_log(name, f'waiting for Reverb server at {address}', 120)
+    cluster.wait_for_log(f'actor_{task}',
+                         f'waiting for Reverb server at {address}', 120)
+  cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
+  cluster.wait_for_log('learner', f'waiting for Reverb server at {address}',
+                       120)
   time.sleep(2)
   for name in ('learner', 'actor_0', 'actor_1'):
     assert cluster.procs[name].poll() is None, cluster.tail(name)
