@@ -16,7 +16,8 @@ def main(_):
         max_train_steps=cf.max_train_steps(),
         eval_interval=cf.EVAL_INTERVAL.value,
         num_eval_episodes=cf.NUM_EVAL_EPISODES.value,
-        sac=cf.sac_config(),
+        agent=cf.agent_config(),
+        env_options=cf.env_options(),
         server_timeout_s=cf.SERVER_TIMEOUT_S.value,
         video_episodes=cf.VIDEO_EPISODES.value,
         video_interval=cf.VIDEO_INTERVAL.value,
@@ -33,7 +34,8 @@ def main(_):
       num_actors=cf.NUM_ACTORS.value,
       initial_collect_steps=cf.INITIAL_COLLECT_STEPS.value,
       pull_interval_steps=cf.PULL_INTERVAL_STEPS.value,
-      sac=cf.sac_config(),
+      agent=cf.agent_config(),
+      env_options=cf.env_options(),
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,
       log_interval_s=cf.LOG_INTERVAL_S.value), stop)
 

@@ -16,6 +16,7 @@ import reverb
 import tensorflow as tf
 from tf_agents.metrics import py_metrics
 from tf_agents.policies import py_tf_eager_policy
+from tf_agents.environments import wrappers
 from tf_agents.policies import random_py_policy
 from tf_agents.train import actor as tfa_actor
 from tf_agents.train.utils import train_utils
@@ -43,7 +44,8 @@ class ActorSettings:
   num_actors: int = 1
   initial_collect_steps: int = 10000
   pull_interval_steps: int = 100
-  sac: config_lib.SacConfig = config_lib.SacConfig()
+  agent: config_lib.AgentConfig = config_lib.SacConfig()
+  env_options: environments.EnvOptions = environments.EnvOptions()
   server_timeout_s: float = 300.0
   log_interval_s: float = 10.0
   # While blocked by the rate limiter, how often to ask whether training ended.
@@ -90,9 +92,10 @@ def collect(s: ActorSettings,
     task = tables.claim_actor_id(s.replay_address)
     who = f'actor {task}'
     logging.info('%s: took index %d from %s', who, task, s.replay_address)
-  env = environments.load_environment(s.env_name, seed=task)
+  env = wrappers.RunStats(environments.load_environment(
+      s.env_name, seed=task, options=s.env_options))
   train_step = train_utils.create_train_step()
-  agent = agents.create_sac_agent(env, s.sac, train_step, s.env_name)
+  agent = agents.create_agent(env, s.agent, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)
   reverb_connection.check_table_signature(
       info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
@@ -112,8 +115,9 @@ def collect(s: ActorSettings,
       rate = meter.update(env_steps.result())
       policy = ('random policy' if phase == 'random' else
                 f'weights of train_step {weights_step}')
-      logging.info('%s: %s  env_steps %d  %.1f env steps/s  acting with %s',
-                   who, phase, env_steps.result(), rate, policy)
+      logging.info('%s: %s  env_steps %d  %.1f env steps/s  episodes %d  '
+                   'acting with %s', who, phase, env_steps.result(), rate,
+                   env.episodes, policy)
 
   try:
     # The random initial collect fills the table before the first train step;
@@ -159,8 +163,9 @@ def collect(s: ActorSettings,
   except CollectionStopped:
     pass
   reason = 'stop requested' if should_stop() else 'training finished'
-  logging.info('%s: %s; %d env steps, last acted with weights of train_step '
-               '%s, %.0fs blocked by the rate limiter', who, reason,
-               env_steps.result(), weights_step, observer.blocked_s)
+  logging.info('%s: %s; %d env steps, %d episodes, %d resets, last acted '
+               'with weights of train_step %s, %.0fs blocked by the rate '
+               'limiter', who, reason, env_steps.result(), env.episodes,
+               env.resets, weights_step, observer.blocked_s)
   env.close()
   return int(env_steps.result())

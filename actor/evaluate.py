@@ -41,7 +41,8 @@ class EvalSettings:
   max_train_steps: int
   eval_interval: int = 10000
   num_eval_episodes: int = 20
-  sac: config_lib.SacConfig = config_lib.SacConfig()
+  agent: config_lib.AgentConfig = config_lib.SacConfig()
+  env_options: environments.EnvOptions = environments.EnvOptions()
   server_timeout_s: float = 300.0
   poll_interval_s: float = 1.0
   video_episodes: int = 1
@@ -68,9 +69,10 @@ def evaluate(s: EvalSettings,
   """Evaluates until the final train_step is evaluated; returns the rows."""
   eval_dir = outputs.ensure_writable_dir(os.path.join(s.root_dir, EVAL_DIR))
   environments.set_render_size(*s.video_size)
-  env = environments.load_environment(s.env_name, seed=12345)
+  env = environments.load_environment(s.env_name, seed=12345,
+                                     options=s.env_options)
   train_step = train_utils.create_train_step()
-  agent = agents.create_sac_agent(env, s.sac, train_step, s.env_name)
+  agent = agents.create_agent(env, s.agent, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)
   container = VariableContainerClient(s.variable_address, variables,
                                       s.server_timeout_s, 'evaluator',
@@ -116,8 +118,12 @@ def evaluate(s: EvalSettings,
     if s.video_episodes and (final or (
         s.video_interval and step >= next_video)):
       path = os.path.join(eval_dir, f'step_{step:08d}.mp4')
-      frames = eval_outputs.write_video(env, policy, path, s.video_episodes)
-      logging.info('evaluator: wrote %s (%d frames)', path, frames)
+      try:
+        frames = eval_outputs.write_video(env, policy, path, s.video_episodes)
+        logging.info('evaluator: wrote %s (%d frames)', path, frames)
+      except NotImplementedError:
+        logging.warning('evaluator: --env=%s cannot render; no video',
+                        s.env_name)
       eval_actor.reset()  # The video moved the environment on.
       if s.video_interval:
         next_video = (step // s.video_interval + 1) * s.video_interval

@@ -22,6 +22,28 @@ class CollectionStopped(Exception):
   """Raised from inside a collect step when the actor should stop."""
 
 
+class _EndEpisodeInBackground:
+  """Wraps a TrajectoryWriter so `end_episode` does not wait for the server.
+
+  The stock `end_episode` blocks until every pending item is confirmed, which
+  under a rate limiter can be forever. Reverb resets the episode at once and
+  keeps sending in the background; the observer bounds what is in flight.
+  """
+
+  def __init__(self, writer):
+    self._writer = writer
+
+  def __getattr__(self, name):
+    return getattr(self._writer, name)
+
+  def end_episode(self, clear_buffers: bool = True, timeout_ms=None):
+    del timeout_ms
+    try:
+      self._writer.end_episode(clear_buffers, timeout_ms=10)
+    except reverb.errors.DeadlineExceededError:
+      pass
+
+
 class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
   """Writes 2-step items (stride 1) to `uniform_table`; interruptible."""
 
@@ -31,6 +53,7 @@ class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
     super().__init__(py_client, config_lib.REPLAY_TABLE,
                      sequence_length=config_lib.SEQUENCE_LENGTH,
                      stride_length=config_lib.STRIDE_LENGTH)
+    self._writer = _EndEpisodeInBackground(self._writer)
     self._should_stop = should_stop
     self._max_in_flight = max_in_flight_items
     self._wait_slice_ms = wait_slice_ms

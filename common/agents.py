@@ -1,33 +1,81 @@
-"""Builds the SAC agent and its networks from a `SacConfig`, as the tutorial does.
+"""Builds the agent and its networks from its config, as the tutorials do.
 
-Every process that needs the agent's specs or variables (replay server,
-learner, actors) calls `create_sac_agent` with the same config, so the
-variables it creates have the same structure everywhere.
+SAC (continuous actions) follows the SAC Minitaur tutorial, DQN (discrete
+actions) the DQN tutorial. Every process that needs the agent's specs or
+variables (replay server, learner, actors, evaluator) calls `create_agent`
+with the same config, so the variables have the same structure everywhere.
 """
 
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 from tf_agents.agents.ddpg import critic_network
+from tf_agents.agents.dqn import dqn_agent
 from tf_agents.agents.sac import sac_agent
 from tf_agents.agents.sac import tanh_normal_projection_network
 from tf_agents.experimental.distributed import reverb_variable_container
 from tf_agents.networks import actor_distribution_network
+from tf_agents.networks import q_network
 from tf_agents.specs import tensor_spec
 from tf_agents.train.utils import spec_utils
 from tf_agents.train.utils import train_utils
+from tf_agents.utils import common as tfa_common
 
+from common.config import AgentConfig
+from common.config import DqnConfig
 from common.config import SacConfig
 from common.errors import UserError
 
 
-def check_continuous_actions(env, env_name: str) -> None:
-  action_spec = env.action_spec()
-  for spec in tf.nest.flatten(action_spec):
-    if not tf.as_dtype(spec.dtype).is_floating:
-      raise UserError(
-          f'--env={env_name} has discrete actions ({spec.dtype}); SAC needs '
-          'continuous (float) actions')
+def _has_discrete_actions(env) -> bool:
+  return not all(tf.as_dtype(s.dtype).is_floating
+                 for s in tf.nest.flatten(env.action_spec()))
+
+
+def create_agent(env, config: AgentConfig,
+                 train_step: Optional[tf.Variable] = None, env_name: str = ''):
+  """The agent `config` names (SAC or DQN), initialized, for `env`'s specs.
+
+  Call it inside `strategy.scope()` when training under a distribution
+  strategy.
+  """
+  if isinstance(config, DqnConfig):
+    return create_dqn_agent(env, config, train_step, env_name)
+  return create_sac_agent(env, config, train_step, env_name)
+
+
+def create_dqn_agent(env, config: DqnConfig,
+                     train_step: Optional[tf.Variable] = None,
+                     env_name: str = ''):
+  """DQN with a QNetwork and an epsilon-greedy collect policy."""
+  if not _has_discrete_actions(env):
+    raise UserError(f'--env={env_name} has continuous actions; DQN needs '
+                    'discrete ones: use --agent=sac, or add '
+                    '--discretize_actions=N')
+  flat = tf.nest.flatten(env.action_spec())
+  if len(flat) != 1 or int(np.prod(flat[0].shape)) != 1:
+    raise UserError(f'--env={env_name}: DQN handles a single discrete '
+                    f'action; this environment has {env.action_spec()}')
+  _, action_spec, time_step_spec = spec_utils.get_tensor_specs(env)
+  if train_step is None:
+    train_step = train_utils.create_train_step()
+  q_net = q_network.QNetwork(time_step_spec.observation, action_spec,
+                             fc_layer_params=tuple(config.q_fc_layers))
+  agent = dqn_agent.DqnAgent(
+      time_step_spec,
+      action_spec,
+      q_network=q_net,
+      optimizer=tf.compat.v1.train.AdamOptimizer(
+          learning_rate=config.learning_rate),
+      epsilon_greedy=config.epsilon_greedy,
+      target_update_tau=config.target_update_tau,
+      target_update_period=config.target_update_period,
+      td_errors_loss_fn=tfa_common.element_wise_squared_loss,
+      gamma=config.gamma,
+      train_step_counter=train_step)
+  agent.initialize()
+  return agent
 
 
 def create_sac_agent(env, config: SacConfig,
@@ -38,7 +86,10 @@ def create_sac_agent(env, config: SacConfig,
   Call it inside `strategy.scope()` when training under a distribution
   strategy.
   """
-  check_continuous_actions(env, env_name)
+  if _has_discrete_actions(env):
+    raise UserError(
+        f'--env={env_name} has discrete actions; SAC needs continuous ones: '
+        'use --agent=dqn')
   observation_spec, action_spec, time_step_spec = (
       spec_utils.get_tensor_specs(env))
   if train_step is None:

@@ -11,12 +11,29 @@ from common import config as config_lib
 from common.errors import UserError
 
 _SAC = config_lib.SacConfig()
+_DQN = config_lib.DqnConfig()
 _REPLAY = config_lib.ReplayConfig()
 
 # --- What to train.
 ENV = flags.DEFINE_string(
     'env', 'MinitaurBulletEnv-v0',
     'Environment: a gym or PyBullet id, or package.module:factory.')
+AGENT = flags.DEFINE_enum(
+    'agent', 'sac', ['sac', 'dqn'],
+    'sac for continuous actions, dqn for discrete ones.')
+MAX_EPISODE_STEPS = flags.DEFINE_integer(
+    'max_episode_steps', 0,
+    "TimeLimit on episodes; 0: the environment's own limit.", lower_bound=0)
+DISCRETIZE_ACTIONS = flags.DEFINE_integer(
+    'discretize_actions', 0,
+    'N > 1: turn bounded continuous actions into N discrete ones per '
+    'dimension (ActionDiscretizeWrapper), e.g. for --agent=dqn; 0: off.',
+    lower_bound=0)
+VALIDATE_ENV_EPISODES = flags.DEFINE_integer(
+    'validate_env_episodes', 1,
+    'Episodes of random actions with which every process checks the '
+    "environment's time steps against its specs at start; 0: skip.",
+    lower_bound=0)
 ROOT_DIR = flags.DEFINE_string(
     'root_dir', 'runs/sac',
     "This process's output directory (checkpoints, summaries, videos); never "
@@ -62,8 +79,22 @@ GAMMA = flags.DEFINE_float('gamma', _SAC.gamma, 'Discount.', lower_bound=0,
 REWARD_SCALE_FACTOR = flags.DEFINE_float(
     'reward_scale_factor', _SAC.reward_scale_factor, 'Reward scale.')
 BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', _SAC.batch_size, 'Global training batch size.',
-    lower_bound=1)
+    'batch_size', None,
+    f'Global training batch size (default: sac {_SAC.batch_size}, dqn '
+    f'{_DQN.batch_size}).', lower_bound=1)
+Q_FC_LAYERS = flags.DEFINE_list(
+    'q_fc_layers', [str(x) for x in _DQN.q_fc_layers],
+    'dqn: Q network hidden layer sizes.')
+DQN_LEARNING_RATE = flags.DEFINE_float(
+    'dqn_learning_rate', _DQN.learning_rate, 'dqn: Adam learning rate.',
+    lower_bound=0)
+EPSILON_GREEDY = flags.DEFINE_float(
+    'epsilon_greedy', _DQN.epsilon_greedy,
+    'dqn: probability of a random action while collecting.', lower_bound=0,
+    upper_bound=1)
+DQN_TARGET_UPDATE_PERIOD = flags.DEFINE_integer(
+    'dqn_target_update_period', _DQN.target_update_period,
+    'dqn: train steps between target network copies.', lower_bound=1)
 
 # --- Replay table.
 REPLAY_CAPACITY = flags.DEFINE_integer(
@@ -73,9 +104,9 @@ MIN_SIZE_TO_SAMPLE = flags.DEFINE_integer(
     'min_size_to_sample', _REPLAY.min_size_to_sample,
     'Items in the table before the learner may sample.', lower_bound=1)
 SAMPLES_PER_INSERT = flags.DEFINE_float(
-    'samples_per_insert', _REPLAY.samples_per_insert,
-    'Sampled items per inserted item (SampleToInsertRatio); 256 with batch '
-    '256 is one train step per env step, as in the tutorial.',
+    'samples_per_insert', None,
+    'Sampled items per inserted item (SampleToInsertRatio). Default: the '
+    'batch size, i.e. one train step per env step, as in the tutorial.',
     lower_bound=0)
 RATE_LIMITER = flags.DEFINE_enum(
     'rate_limiter', 'ratio', ['ratio', 'min_size'],
@@ -112,7 +143,36 @@ def _layers(flag) -> tuple:
   return layers
 
 
-def sac_config() -> config_lib.SacConfig:
+def batch_size() -> int:
+  if BATCH_SIZE.value is not None:
+    return BATCH_SIZE.value
+  return _DQN.batch_size if AGENT.value == 'dqn' else _SAC.batch_size
+
+
+def samples_per_insert() -> float:
+  if SAMPLES_PER_INSERT.value is not None:
+    return SAMPLES_PER_INSERT.value
+  return float(batch_size())
+
+
+def env_options():
+  from common import environments  # pylint: disable=g-import-not-at-top
+  return environments.EnvOptions(
+      max_episode_steps=MAX_EPISODE_STEPS.value,
+      discretize_actions=DISCRETIZE_ACTIONS.value,
+      validate_episodes=VALIDATE_ENV_EPISODES.value)
+
+
+def agent_config() -> config_lib.AgentConfig:
+  """The config of the agent --agent names, from the flags."""
+  if AGENT.value == 'dqn':
+    return config_lib.DqnConfig(
+        q_fc_layers=_layers(Q_FC_LAYERS),
+        learning_rate=DQN_LEARNING_RATE.value,
+        epsilon_greedy=EPSILON_GREEDY.value,
+        target_update_period=DQN_TARGET_UPDATE_PERIOD.value,
+        gamma=GAMMA.value,
+        batch_size=batch_size())
   return config_lib.SacConfig(
       actor_fc_layers=_layers(ACTOR_FC_LAYERS),
       critic_joint_fc_layers=_layers(CRITIC_JOINT_FC_LAYERS),
@@ -123,7 +183,7 @@ def sac_config() -> config_lib.SacConfig:
       target_update_period=TARGET_UPDATE_PERIOD.value,
       gamma=GAMMA.value,
       reward_scale_factor=REWARD_SCALE_FACTOR.value,
-      batch_size=BATCH_SIZE.value)
+      batch_size=batch_size())
 
 
 def replay_config() -> config_lib.ReplayConfig:
@@ -132,20 +192,20 @@ def replay_config() -> config_lib.ReplayConfig:
         f'--min_size_to_sample={MIN_SIZE_TO_SAMPLE.value} is larger than '
         f'--replay_capacity={REPLAY_CAPACITY.value}: the learner could never '
         'sample; lower it or raise the capacity')
-  if RATE_LIMITER.value == 'ratio' and SAMPLES_PER_INSERT.value <= 0:
+  if RATE_LIMITER.value == 'ratio' and samples_per_insert() <= 0:
     raise UserError('--samples_per_insert must be > 0 with '
                     '--rate_limiter=ratio (or use --rate_limiter=min_size)')
   if (RATE_LIMITER.value == 'ratio' and
-      MIN_SIZE_TO_SAMPLE.value < BATCH_SIZE.value):
+      MIN_SIZE_TO_SAMPLE.value < batch_size()):
     raise UserError(
         f'--samples_per_insert needs --min_size_to_sample '
-        f'({MIN_SIZE_TO_SAMPLE.value}) >= --batch_size ({BATCH_SIZE.value}): '
+        f'({MIN_SIZE_TO_SAMPLE.value}) >= --batch_size ({batch_size()}): '
         'the ratio is kept from the first batch on, so that batch must come '
         'from at least a batch of items; raise --min_size_to_sample')
   return config_lib.ReplayConfig(
       replay_capacity=REPLAY_CAPACITY.value,
       min_size_to_sample=MIN_SIZE_TO_SAMPLE.value,
-      samples_per_insert=(SAMPLES_PER_INSERT.value
+      samples_per_insert=(samples_per_insert()
                           if RATE_LIMITER.value == 'ratio' else None))
 
 

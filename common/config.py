@@ -1,13 +1,13 @@
-"""Every hyperparameter of the agent and the replay table, with its default.
+"""Every hyperparameter of the agents and the replay table, with its default.
 
-The defaults are those of the TF-Agents "SAC Minitaur with the Actor-Learner
-API" tutorial. All processes build their agent, networks and table signatures
-from one `SacConfig`, so two processes given the same flags agree on every
-spec without exchanging files.
+SAC defaults are those of the TF-Agents "SAC Minitaur with the Actor-Learner
+API" tutorial; DQN defaults follow the TF-Agents DQN tutorial. All processes
+build their agent, networks and table signatures from one config, so two
+processes given the same flags agree on every spec without exchanging files.
 """
 
 import dataclasses
-from typing import Tuple
+from typing import Tuple, Union
 
 # Table names shared with stock TF-Agents clients.
 REPLAY_TABLE = 'uniform_table'
@@ -33,6 +33,23 @@ class SacConfig:
   gamma: float = 0.99
   reward_scale_factor: float = 1.0
   batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DqnConfig:
+  """DQN hyperparameters (TF-Agents DQN tutorial), for discrete actions."""
+  q_fc_layers: Tuple[int, ...] = (100, 50)
+  learning_rate: float = 1e-3
+  epsilon_greedy: float = 0.1
+  # The tutorial updates the target network every step (tau 1, period 1);
+  # a slower target is steadier when actors feed the learner asynchronously.
+  target_update_tau: float = 1.0
+  target_update_period: int = 100
+  gamma: float = 0.99
+  batch_size: int = 64
+
+
+AgentConfig = Union[SacConfig, DqnConfig]
 
 
 @dataclasses.dataclass(frozen=True)

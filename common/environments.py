@@ -7,6 +7,7 @@ A name is one of:
     environment.
 """
 
+import dataclasses
 import difflib
 import importlib
 import os
@@ -55,7 +56,11 @@ def _load_factory(name: str):
   if not callable(factory):
     raise UserError(f'--env={name}: module {module_name!r} has no callable '
                     f'{attr!r}; expected --env=package.module:factory')
-  env = factory()
+  try:
+    env = factory()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'--env={name}: {attr}() raised {type(e).__name__}: '
+                    f'{" ".join(str(e).split())[:200]}') from None
   if isinstance(env, py_environment.PyEnvironment):
     return env
   import gym  # pylint: disable=g-import-not-at-top
@@ -65,13 +70,68 @@ def _load_factory(name: str):
                   'expected a tf_agents PyEnvironment or a gym.Env')
 
 
-def load_environment(name: str, seed: Optional[int] = None):
-  """Returns the py environment called `name`; UserError if there is none."""
+@dataclasses.dataclass(frozen=True)
+class EnvOptions:
+  """Wrappers and checks applied to every environment a process loads."""
+  max_episode_steps: int = 0  # 0: the environment's own limit (TimeLimit).
+  discretize_actions: int = 0  # N > 1: ActionDiscretizeWrapper, N per dim.
+  validate_episodes: int = 0  # validate_py_environment over this many.
+
+
+def load_environment(name: str, seed: Optional[int] = None,
+                     options: EnvOptions = EnvOptions()):
+  """Returns the py environment called `name`, wrapped and validated.
+
+  Raises:
+    UserError: unknown name, a factory that fails, a wrapper that does not
+      apply, or an environment whose time steps disagree with its specs.
+  """
+  env = _load(name, options.max_episode_steps)
+  if options.discretize_actions:
+    env = _discretize(env, name, options.discretize_actions)
+  if seed is not None:
+    try:
+      env.seed(seed)
+    except (NotImplementedError, AttributeError):
+      pass
+  if options.validate_episodes:
+    validate(env, name, options.validate_episodes)
+  return env
+
+
+def _discretize(env, name: str, num_actions: int):
+  from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
+  if num_actions < 2:
+    raise UserError(f'--discretize_actions={num_actions}: need at least 2')
+  try:
+    return wrappers.ActionDiscretizeWrapper(env, num_actions=num_actions)
+  except (ValueError, TypeError, AttributeError) as e:
+    raise UserError(f'--discretize_actions does not apply to --env={name} '
+                    f'({str(e).splitlines()[0][:150]}); it needs bounded '
+                    'continuous actions') from None
+
+
+def validate(env, name: str, episodes: int) -> None:
+  """Runs TF-Agents' validate_py_environment; one UserError line if it fails."""
+  from tf_agents.environments import utils as env_utils  # pylint: disable=g-import-not-at-top
+  try:
+    env_utils.validate_py_environment(env, episodes=episodes)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = ' '.join(str(e).split())[:300] or type(e).__name__
+    raise UserError(f'--env={name} failed validation over {episodes} '
+                    f'episode(s): {reason}') from None
+
+
+def _load(name: str, max_episode_steps: int):
+  """The bare environment for `name`, with TimeLimit `max_episode_steps`."""
   if not name:
     raise UserError('--env is empty: give a gym/PyBullet id such as '
                     'MinitaurBulletEnv-v0 or package.module:factory')
   if ':' in name:
     env = _load_factory(name)
+    if max_episode_steps:
+      from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
+      env = wrappers.TimeLimit(env, max_episode_steps)
   else:
     registry = _registered_gym_ids()
     ids = list(registry.keys()) if hasattr(registry, 'keys') else [
@@ -86,15 +146,11 @@ def load_environment(name: str, seed: Optional[int] = None):
     if 'pybullet' in entry_point:
       from tf_agents.environments import suite_pybullet  # pylint: disable=g-import-not-at-top
       with open(os.devnull, 'w') as devnull, _redirect_stdout(devnull):
-        env = suite_pybullet.load(name)
+        env = suite_pybullet.load(name, max_episode_steps=max_episode_steps or
+                                  None)
     else:
       from tf_agents.environments import suite_gym  # pylint: disable=g-import-not-at-top
-      env = suite_gym.load(name)
-  if seed is not None:
-    try:
-      env.seed(seed)
-    except (NotImplementedError, AttributeError):
-      pass
+      env = suite_gym.load(name, max_episode_steps=max_episode_steps or None)
   return env
 
 

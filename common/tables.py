@@ -87,19 +87,21 @@ def claim_actor_id(address: str) -> int:
   return int(sample[0].data[0])
 
 
-def build_tables(env_name: str, sac: config_lib.SacConfig,
+def build_tables(env_name: str, agent_config: config_lib.AgentConfig,
                  replay: Optional[config_lib.ReplayConfig],
-                 with_variables: bool = True) -> List[reverb.Table]:
+                 with_variables: bool = True,
+                 env_options: environments.EnvOptions = (
+                     environments.EnvOptions())) -> List[reverb.Table]:
   """The tables for `env_name`; `replay=None` builds the variables table only."""
-  env = environments.load_environment(env_name)
+  env = environments.load_environment(env_name, options=env_options)
   try:
-    agent = agents.create_sac_agent(env, sac, env_name=env_name)
+    agent = agents.create_agent(env, agent_config, env_name=env_name)
   finally:
     env.close()
   tables = []
   if replay is not None:
     tables.append(replay_table(agents.replay_signature(agent), replay,
-                               sac.batch_size))
+                               agent_config.batch_size))
     tables.append(actor_id_table())
   if with_variables:
     variables = agents.shared_variables(agent, agent.train_step_counter)

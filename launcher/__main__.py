@@ -38,7 +38,7 @@ def children(argv_flags, port: int):
 
 def main(_):
   cf.replay_config()  # Fail here, once, rather than in every child.
-  cf.sac_config()
+  cf.agent_config()
   port = (cf.PORT.value if flags.FLAGS['port'].present
           else portpicker.pick_unused_port())
   root_dir = os.path.abspath(cf.ROOT_DIR.value)

@@ -37,7 +37,8 @@ class LearnerSettings:
   replay_address: str
   variable_address: str
   train_steps: int
-  sac: config_lib.SacConfig = config_lib.SacConfig()
+  agent: config_lib.AgentConfig = config_lib.SacConfig()
+  env_options: environments.EnvOptions = environments.EnvOptions()
   push_interval_steps: int = 100
   iterations_per_call: int = 10
   checkpoint_interval_steps: int = 10000
@@ -111,13 +112,14 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   s = settings
   outputs.ensure_writable_dir(s.root_dir)
   replicas = strategy.num_replicas_in_sync
-  if s.sac.batch_size % replicas:
-    raise UserError(f'--batch_size={s.sac.batch_size} does not split over '
+  if s.agent.batch_size % replicas:
+    raise UserError(f'--batch_size={s.agent.batch_size} does not split over '
                     f'{replicas} replicas; use a multiple of {replicas}')
-  env = environments.load_environment(s.env_name)
+  env = environments.load_environment(s.env_name,
+                                     options=s.env_options)
   with strategy.scope():
     train_step = train_utils.create_train_step()
-    agent = agents.create_sac_agent(env, s.sac, train_step, s.env_name)
+    agent = agents.create_agent(env, s.agent, train_step, s.env_name)
   env.close()
 
   info = reverb_connection.wait_for_server(
@@ -136,7 +138,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
       table_name=config_lib.REPLAY_TABLE,
       server_address=s.replay_address,
       rate_limiter_timeout_ms=s.sample_timeout_ms)
-  per_replica_batch = s.sac.batch_size // replicas
+  per_replica_batch = s.agent.batch_size // replicas
 
   def experience_dataset_fn():
     return replay.as_dataset(
@@ -169,7 +171,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   container.push(variables)
   logging.info('learner: pushed initial weights (train_step %d); training to '
                '%d steps, batch %d over %d replica(s)', start_step,
-               s.train_steps, s.sac.batch_size, replicas)
+               s.train_steps, s.agent.batch_size, replicas)
 
   meter = progress.RateMeter(start_step, s.train_steps)
   step, last_push, loss = start_step, start_step, float('nan')

@@ -9,7 +9,8 @@ def main(_):
   from common import tables as tables_lib  # pylint: disable=g-import-not-at-top
   stop = process.StopRequest().install()
   tables = tables_lib.build_tables(cluster_flags.ENV.value,
-                                   cluster_flags.sac_config(), replay=None)
+                                   cluster_flags.agent_config(), replay=None,
+                                   env_options=cluster_flags.env_options())
   tables_lib.serve(tables, cluster_flags.PORT.value, stop,
                    checkpoint_dir=cluster_flags.CHECKPOINT_DIR.value,
                    checkpoint_interval_s=cluster_flags.CHECKPOINT_INTERVAL_S.value)
