@@ -16,13 +16,18 @@ from common import cluster_flags as cf
 from launcher import supervisor
 
 
-def children(argv_flags, port: int):
+def children(argv_flags, port: int, root_dir: str):
   address = f'localhost:{port}'
   common_args = list(argv_flags) + [f'--replay_address={address}',
                                     '--variable_address=']
+  server_args = [f'--port={port}']
+  if not cf.CHECKPOINT_DIR.value:
+    # Replay persists under the run's root_dir, so a re-run resumes it.
+    server_args.append(
+        f'--checkpoint_dir={os.path.join(root_dir, "replay_checkpoints")}')
   kids = [
       supervisor.Child('replay_server', 'replay_server',
-                       common_args + [f'--port={port}']),
+                       common_args + server_args),
       supervisor.Child('learner', 'learner', common_args),
   ]
   for task in range(cf.NUM_ACTORS.value):
@@ -46,7 +51,7 @@ def main(_):
   argv_flags = [a for a in sys.argv[1:] if not a.startswith('--root_dir')]
   argv_flags.append(f'--root_dir={root_dir}')
   sup = supervisor.Supervisor(
-      children(argv_flags, port), os.path.join(root_dir, 'logs'),
+      children(argv_flags, port, root_dir), os.path.join(root_dir, 'logs'),
       train_steps=cf.TRAIN_STEPS.value,
       show_child_logs=cf.SHOW_CHILD_LOGS.value,
       progress_interval_s=cf.PROGRESS_INTERVAL_S.value)
