@@ -34,6 +34,7 @@ def main(_):
       num_actors=cf.NUM_ACTORS.value,
       initial_collect_steps=cf.INITIAL_COLLECT_STEPS.value,
       pull_interval_steps=cf.PULL_INTERVAL_STEPS.value,
+      envs_per_actor=cf.ENVS_PER_ACTOR.value,
       agent=cf.agent_config(),
       env_options=cf.env_options(),
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,

@@ -16,6 +16,7 @@ import reverb
 import tensorflow as tf
 from tf_agents.metrics import py_metrics
 from tf_agents.policies import py_tf_eager_policy
+from tf_agents.environments import batched_py_environment
 from tf_agents.environments import wrappers
 from tf_agents.policies import random_py_policy
 from tf_agents.train import actor as tfa_actor
@@ -23,6 +24,7 @@ from tf_agents.train.utils import train_utils
 
 from actor.writer import CollectionStopped
 from actor.writer import StoppableTrajectoryObserver
+from actor.writer import UnbatchingObserver
 from common import agents
 from common import config as config_lib
 from common import environments
@@ -44,12 +46,23 @@ class ActorSettings:
   num_actors: int = 1
   initial_collect_steps: int = 10000
   pull_interval_steps: int = 100
+  envs_per_actor: int = 1
   agent: config_lib.AgentConfig = config_lib.SacConfig()
   env_options: environments.EnvOptions = environments.EnvOptions()
   server_timeout_s: float = 300.0
   log_interval_s: float = 10.0
   # While blocked by the rate limiter, how often to ask whether training ended.
   done_check_interval_s: float = 5.0
+
+
+def collect_metrics(batch_size: int):
+  """TF-Agents' collect metrics, for `batch_size` environments at once."""
+  if batch_size == 1:
+    return tfa_actor.collect_metrics(10)
+  return [py_metrics.NumberOfEpisodes(), py_metrics.EnvironmentSteps(),
+          py_metrics.AverageReturnMetric(buffer_size=10, batch_size=batch_size),
+          py_metrics.AverageEpisodeLengthMetric(buffer_size=10,
+                                                batch_size=batch_size)]
 
 
 def initial_collect_share(total: int, num_actors: int, task: int) -> int:
@@ -92,8 +105,14 @@ def collect(s: ActorSettings,
     task = tables.claim_actor_id(s.replay_address)
     who = f'actor {task}'
     logging.info('%s: took index %d from %s', who, task, s.replay_address)
-  env = wrappers.RunStats(environments.load_environment(
-      s.env_name, seed=task, options=s.env_options))
+  # Each environment keeps run statistics; with several, one batched
+  # environment steps them together so the policy runs once per batch.
+  stats = [wrappers.RunStats(environments.load_environment(
+      s.env_name, seed=task * 1000 + i, options=s.env_options))
+           for i in range(s.envs_per_actor)]
+  n = s.envs_per_actor
+  env = stats[0] if n == 1 else batched_py_environment.BatchedPyEnvironment(
+      stats, multithreading=False)
   train_step = train_utils.create_train_step()
   agent = agents.create_agent(env, s.agent, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)
@@ -104,8 +123,12 @@ def collect(s: ActorSettings,
                                       s.server_timeout_s, who, should_stop)
   done = _DoneCheck(container, s.max_train_steps, should_stop,
                     s.done_check_interval_s)
-  observer = StoppableTrajectoryObserver(reverb.Client(s.replay_address),
-                                         done, who=who)
+  client = reverb.Client(s.replay_address)
+  observer = StoppableTrajectoryObserver(client, done, who=who)
+  if n > 1:
+    observer = UnbatchingObserver(
+        [observer] + [StoppableTrajectoryObserver(client, done, who=who)
+                      for _ in range(n - 1)])
   env_steps = py_metrics.EnvironmentSteps()
   meter = progress.RateMeter()
   weights_step = container.latest_train_step()
@@ -117,7 +140,7 @@ def collect(s: ActorSettings,
                 f'weights of train_step {weights_step}')
       logging.info('%s: %s  env_steps %d  %.1f env steps/s  episodes %d  '
                    'acting with %s', who, phase, env_steps.result(), rate,
-                   env.episodes, policy)
+                   sum(e.episodes for e in stats), policy)
 
   try:
     # The random initial collect fills the table before the first train step;
@@ -127,8 +150,9 @@ def collect(s: ActorSettings,
     if share and not weights_step:
       logging.info('%s: random initial collect of %d steps', who, share)
       random_actor = tfa_actor.Actor(
-          env, random_py_policy.RandomPyPolicy(env.time_step_spec(),
-                                               env.action_spec()),
+          env, random_py_policy.RandomPyPolicy(
+              env.time_step_spec(), env.action_spec(),
+              outer_dims=(n,) if n > 1 else None),
           train_step, steps_per_run=min(share, s.pull_interval_steps),
           observers=[observer, env_steps])
       while env_steps.result() < share and not done():
@@ -139,10 +163,11 @@ def collect(s: ActorSettings,
     collect_actor = tfa_actor.Actor(
         env,
         py_tf_eager_policy.PyTFEagerPolicy(agent.collect_policy,
-                                           use_tf_function=True),
+                                           use_tf_function=True,
+                                           batch_time_steps=n == 1),
         train_step,
         steps_per_run=s.pull_interval_steps,
-        metrics=tfa_actor.collect_metrics(10),
+        metrics=collect_metrics(n),
         summary_dir=os.path.join(s.root_dir, f'actor_{task}'),
         summary_interval=s.pull_interval_steps,
         observers=[observer, env_steps])
@@ -165,7 +190,8 @@ def collect(s: ActorSettings,
   reason = 'stop requested' if should_stop() else 'training finished'
   logging.info('%s: %s; %d env steps, %d episodes, %d resets, last acted '
                'with weights of train_step %s, %.0fs blocked by the rate '
-               'limiter', who, reason, env_steps.result(), env.episodes,
-               env.resets, weights_step, observer.blocked_s)
+               'limiter', who, reason, env_steps.result(),
+               sum(e.episodes for e in stats), sum(e.resets for e in stats),
+               weights_step, observer.blocked_s)
   env.close()
   return int(env_steps.result())

@@ -13,6 +13,7 @@ from typing import Callable
 
 from absl import logging
 import reverb
+import tensorflow as tf
 from tf_agents.replay_buffers import reverb_utils
 
 from common import config as config_lib
@@ -94,3 +95,26 @@ class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
   def discard_partial_episode(self) -> None:
     """Drops cached steps so the next item cannot span two episodes."""
     self.reset(write_cached_steps=False)
+
+
+class UnbatchingObserver:
+  """Feeds item i of a batched trajectory to observer i (one writer each).
+
+  Reverb's trajectory observers take one environment's steps; an actor that
+  steps several environments together splits each batch here.
+  """
+
+  def __init__(self, observers):
+    self._observers = observers
+
+  def __call__(self, trajectory) -> None:
+    for i, observer in enumerate(self._observers):
+      observer(tf.nest.map_structure(lambda x, i=i: x[i], trajectory))
+
+  @property
+  def blocked_s(self) -> float:
+    return sum(o.blocked_s for o in self._observers)
+
+  def discard_partial_episode(self) -> None:
+    for observer in self._observers:
+      observer.discard_partial_episode()

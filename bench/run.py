@@ -34,7 +34,7 @@ from tf_agents.train.utils import train_utils
 from common import agents
 from common import config as config_lib
 from common import environments
-from common import tables
+from learner import dataset as dataset_lib
 from tests.cluster import Cluster, free_port
 from variable_container import VariableContainerClient
 
@@ -99,27 +99,31 @@ def _agent(env_name, train_step=None):
   return env, agents.create_agent(env, SAC, train_step, env_name)
 
 
-def actor_rate(cluster, env_name, address, rss, seconds=60):
-  """One actor process's env steps/s while writing to a live server."""
-  env, agent = _agent(env_name)
+def push_weights(env_name, address):
+  _, agent = _agent(env_name)
   variables = agents.shared_variables(agent, agent.train_step_counter)
   agent.train_step_counter.assign(1)
   VariableContainerClient(address, variables, 60).push(variables)
-  cluster.start('actor', 'actor', [
+
+
+def actor_rate(cluster, env_name, address, rss, envs=1, seconds=45):
+  """One actor process's env steps/s while writing to a live server."""
+  name = f'actor_{envs}_envs'
+  cluster.start(name, 'actor', [f'--envs_per_actor={envs}',
       f'--env={env_name}', f'--replay_address={address}',
       '--initial_collect_steps=0', '--max_train_steps=1000000000',
       '--log_interval_s=5', '--validate_env_episodes=0',
       f'--root_dir={cluster.log_dir}/actor'])
-  cluster.wait_for_log('actor', 'acting with weights', 180)
+  cluster.wait_for_log(name, 'acting with weights', 180)
   deadline = time.monotonic() + seconds
   while time.monotonic() < deadline:
-    rss.sample({'actor': cluster.procs['actor'].pid,
+    rss.sample({name: cluster.procs[name].pid,
                 'replay_server': cluster.procs['replay_server'].pid})
     time.sleep(1)
   rates = [float(r) for r in re.findall(r'([\d.]+) env steps/s',
-                                        cluster.log('actor'))]
-  cluster.signal('actor')
-  cluster.wait('actor', 30)
+                                        cluster.log(name))]
+  cluster.signal(name)
+  cluster.wait(name, 30)
   steady = rates[1:] or rates
   return statistics.median(steady)
 
@@ -159,16 +163,24 @@ def _train_rate(learner, train_steps, iterations=10):
   return train_steps // iterations * iterations / (time.perf_counter() - start)
 
 
+def _batches_per_s(dataset, seconds=10):
+  iterator = iter(dataset)
+  next(iterator)
+  start, batches = time.perf_counter(), 0
+  while time.perf_counter() - start < seconds:
+    next(iterator)
+    batches += 1
+  return batches / (time.perf_counter() - start)
+
+
 def learner_rates(env_name, address, workdir, train_steps=600):
   """Train steps/s from the live table vs. from one batch held in memory."""
   _, agent = _agent(env_name)
-  replay = reverb_replay_buffer.ReverbReplayBuffer(
-      agent.collect_data_spec, sequence_length=2,
-      table_name=config_lib.REPLAY_TABLE, server_address=address)
 
-  def live_dataset():
-    return replay.as_dataset(sample_batch_size=SAC.batch_size,
-                             num_steps=2).prefetch(50)
+  def live_dataset():  # The learner's own pipeline.
+    return dataset_lib.experience_dataset(
+        address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        SAC.batch_size, config_lib.SEQUENCE_LENGTH)
 
   live = tfa_learner.Learner(os.path.join(workdir, 'live'),
                              agent.train_step_counter, agent, live_dataset,
@@ -183,15 +195,15 @@ def learner_rates(env_name, address, workdir, train_steps=600):
       checkpoint_interval=-1, summary_interval=0)
   memory_rate = _train_rate(memory, train_steps)
 
-  # Sampling alone: batches of 256 the table serves per second.
-  iterator = iter(live_dataset())
-  next(iterator)
-  start, batches = time.perf_counter(), 0
-  while time.perf_counter() - start < 10:
-    next(iterator)
-    batches += 1
-  sample_rate = batches / (time.perf_counter() - start)
-  return live_rate, memory_rate, sample_rate
+  # Sampling alone: batches of 256 the table serves per second, through the
+  # learner's pipeline and through TF-Agents' ReverbReplayBuffer.as_dataset.
+  sample_rate = _batches_per_s(live_dataset())
+  stock = reverb_replay_buffer.ReverbReplayBuffer(
+      agent.collect_data_spec, sequence_length=2,
+      table_name=config_lib.REPLAY_TABLE, server_address=address)
+  stock_rate = _batches_per_s(stock.as_dataset(
+      sample_batch_size=SAC.batch_size, num_steps=2).prefetch(50))
+  return live_rate, memory_rate, sample_rate, stock_rate
 
 
 def weight_propagation(env_name, address, rounds=20):
@@ -309,18 +321,24 @@ def main(_):
     address = _server(cluster, env_name)
     env_rate = raw_env_rate(env_name)
     report('raw_env_steps_per_s', round(env_rate, 1))
+    push_weights(env_name, address)
     rate = actor_rate(cluster, env_name, address, rss)
     report('actor_env_steps_per_s', round(rate, 1))
     report('actor_efficiency', round(rate / env_rate, 3))
+    rate4 = actor_rate(cluster, env_name, address, rss, envs=4)
+    report('actor_env_steps_per_s_4_envs', round(rate4, 1))
+    report('actor_efficiency_4_envs', round(rate4 / env_rate, 3))
 
     _, agent = _agent(env_name)
     insert_rate = _fill(address, agent, 20000)
     report('replay_inserted_transitions_per_s', round(insert_rate, 1))
-    live, memory, sample_rate = learner_rates(env_name, address, workdir)
+    live, memory, sample_rate, stock_rate = learner_rates(env_name, address,
+                                                          workdir)
     report('learner_train_steps_per_s_live_table', round(live, 1))
     report('learner_train_steps_per_s_in_memory', round(memory, 1))
     report('learner_input_efficiency', round(live / memory, 3))
     report('replay_sampled_batches_256_per_s', round(sample_rate, 1))
+    report('tf_agents_as_dataset_batches_256_per_s', round(stock_rate, 1))
     report('replay_sample_capacity_ratio', round(sample_rate / live, 2))
     report('replay_insert_capacity_ratio', round(insert_rate / rate, 2))
 

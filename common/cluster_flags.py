@@ -247,6 +247,10 @@ PUSH_INTERVAL_STEPS = flags.DEFINE_integer(
 ITERATIONS_PER_CALL = flags.DEFINE_integer(
     'iterations_per_call', 10,
     'learner: train steps run inside one tf.function call.', lower_bound=1)
+SAMPLE_PARALLEL_READERS = flags.DEFINE_integer(
+    'sample_parallel_readers', 2,
+    'learner: parallel Reverb readers feeding the training batches.',
+    lower_bound=1)
 CHECKPOINT_INTERVAL_STEPS = flags.DEFINE_integer(
     'checkpoint_interval_steps', 10000,
     'learner: train steps between checkpoints.', lower_bound=1)
@@ -263,6 +267,10 @@ TASK = flags.DEFINE_string(
     "actor: index of this actor, or 'auto' to take the next free index from "
     'the replay server (replicas from one template, e.g. docker-compose '
     '--scale actor=4).')
+ENVS_PER_ACTOR = flags.DEFINE_integer(
+    'envs_per_actor', 1,
+    'actor: environments one actor steps together (one batched policy call '
+    'per step of all of them).', lower_bound=1)
 PULL_INTERVAL_STEPS = flags.DEFINE_integer(
     'pull_interval_steps', 100,
     'actor: env steps between pulls of the policy weights.', lower_bound=1)

@@ -23,6 +23,7 @@ def main(_):
       env_options=cf.env_options(),
       push_interval_steps=cf.PUSH_INTERVAL_STEPS.value,
       iterations_per_call=cf.ITERATIONS_PER_CALL.value,
+      sample_parallel_readers=cf.SAMPLE_PARALLEL_READERS.value,
       checkpoint_interval_steps=cf.CHECKPOINT_INTERVAL_STEPS.value,
       policy_save_interval=cf.POLICY_SAVE_INTERVAL.value,
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,

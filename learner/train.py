@@ -15,7 +15,6 @@ from typing import Callable
 from absl import logging
 import reverb
 import tensorflow as tf
-from tf_agents.replay_buffers import reverb_replay_buffer
 from tf_agents.train import learner as tfa_learner
 from tf_agents.train import triggers
 from tf_agents.train.utils import train_utils
@@ -27,6 +26,7 @@ from common import outputs
 from common import progress
 from common import reverb_connection
 from common.errors import UserError
+from learner import dataset as dataset_lib
 from variable_container import VariableContainerClient
 
 
@@ -47,7 +47,8 @@ class LearnerSettings:
   server_timeout_s: float = 300.0
   log_interval_s: float = 10.0
   # Prefetched batches: the sampler keeps this many ready ahead of training.
-  prefetch_batches: int = 50
+  prefetch_batches: int = 8
+  sample_parallel_readers: int = 2
   # A sample waits at most this long for the rate limiter; then the loop
   # regains control (to log why it waits, or to stop) and samples again.
   sample_timeout_ms: int = 1000
@@ -132,18 +133,15 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
       s.variable_address, variables, s.server_timeout_s, 'learner',
       should_stop)
 
-  replay = reverb_replay_buffer.ReverbReplayBuffer(
-      agent.collect_data_spec,
-      sequence_length=config_lib.SEQUENCE_LENGTH,
-      table_name=config_lib.REPLAY_TABLE,
-      server_address=s.replay_address,
-      rate_limiter_timeout_ms=s.sample_timeout_ms)
   per_replica_batch = s.agent.batch_size // replicas
 
   def experience_dataset_fn():
-    return replay.as_dataset(
-        sample_batch_size=per_replica_batch,
-        num_steps=config_lib.SEQUENCE_LENGTH).prefetch(s.prefetch_batches)
+    return dataset_lib.experience_dataset(
+        s.replay_address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        per_replica_batch, config_lib.SEQUENCE_LENGTH,
+        parallel_readers=s.sample_parallel_readers,
+        prefetch=s.prefetch_batches,
+        rate_limiter_timeout_ms=s.sample_timeout_ms)
 
   def new_iterator():
     return iter(strategy.distribute_datasets_from_function(

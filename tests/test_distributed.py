@@ -85,3 +85,28 @@ def test_actor_gives_up_on_missing_server(cluster, tmp_path):
   assert f'localhost:{port} did not answer within 3s' in errors[0]
   assert 'Traceback' not in log
   assert elapsed < 45
+
+
+def test_actor_steps_several_environments_together(cluster, tmp_path):
+  """--envs_per_actor=3: one batched policy call per step of three envs."""
+  port = free_port()
+  address = f'localhost:{port}'
+  flags = ['--env=Pendulum-v1', f'--replay_address={address}',
+           '--replay_capacity=5000', '--min_size_to_sample=100',
+           '--initial_collect_steps=150', '--train_steps=900',
+           '--push_interval_steps=50', '--pull_interval_steps=30',
+           '--policy_save_interval=100000'] + TINY
+  cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
+  cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
+  cluster.start('actor', 'actor', flags + ['--envs_per_actor=3',
+                                           f'--root_dir={tmp_path}/a'])
+  assert cluster.wait('learner', 300) == 0, cluster.tail('learner')
+  assert cluster.wait('actor', 60) == 0, cluster.tail('actor')
+  m = re.search(r'training finished; (\d+) env steps, (\d+) episodes',
+                cluster.log('actor'))
+  assert m, cluster.tail('actor')
+  env_steps, episodes = int(m.group(1)), int(m.group(2))
+  # Pendulum episodes are 200 steps: all three environments ended some.
+  assert env_steps >= 900 and episodes >= 3, (env_steps, episodes)
+  assert _max_weights_step(cluster.log('actor')) > 0
+  assert table_size(address) >= 800
