@@ -55,6 +55,20 @@ class ActorSettings:
   done_check_interval_s: float = 5.0
 
 
+class _BatchedEagerPolicy(py_tf_eager_policy.PyTFEagerPolicy):
+  """A TF policy for already-batched time steps that returns numpy actions.
+
+  `PyTFEagerPolicy(batch_time_steps=False)` hands back tensors, which some
+  environments (Minitaur) cannot take: they write into the action array.
+  """
+
+  def _action(self, time_step, policy_state, seed=None):
+    step = super()._action(time_step, policy_state, seed)
+    to_numpy = lambda t: t.numpy() if hasattr(t, 'numpy') else t
+    return step._replace(action=tf.nest.map_structure(to_numpy, step.action),
+                         info=tf.nest.map_structure(to_numpy, step.info))
+
+
 def collect_metrics(batch_size: int):
   """TF-Agents' collect metrics, for `batch_size` environments at once."""
   if batch_size == 1:
@@ -163,8 +177,10 @@ def collect(s: ActorSettings,
     collect_actor = tfa_actor.Actor(
         env,
         py_tf_eager_policy.PyTFEagerPolicy(agent.collect_policy,
-                                           use_tf_function=True,
-                                           batch_time_steps=n == 1),
+                                           use_tf_function=True)
+        if n == 1 else _BatchedEagerPolicy(
+            agent.collect_policy, use_tf_function=True,
+            batch_time_steps=False),
         train_step,
         steps_per_run=s.pull_interval_steps,
         metrics=collect_metrics(n),
