@@ -47,11 +47,11 @@ def wait_for_server(address: str, timeout_s: float, who: str = 'client',
     elapsed = time.monotonic() - start
     if elapsed >= timeout_s:
       raise UserError(
-          f'{who}: Reverb server at {address} did not answer within '
+          f'Reverb server at {address} did not answer within '
           f'{timeout_s:g}s ({reason}); start it (python -m replay_server) or '
           'check the address, or raise --server_timeout_s')
     if should_stop is not None and should_stop():
-      raise UserError(f'{who}: stopped while waiting for {address}')
+      raise UserError(f'stopped while waiting for {address}')
     if elapsed - last_log >= 5 or attempt == 1:
       logging.info('%s: waiting for Reverb server at %s (%.0fs of %gs)',
                    who, address, elapsed, timeout_s)

@@ -222,7 +222,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
                      'eta %s', step, s.train_steps, rate, loss,
                      meter.eta(step))
       if not math.isfinite(loss):
-        raise UserError(f'learner: loss became {loss} at train_step {step}; '
+        raise UserError(f'loss became {loss} at train_step {step}; '
                         'lower the learning rates or reward scale')
   finally:
     heartbeat.stop()

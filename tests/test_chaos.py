@@ -72,7 +72,9 @@ def test_learner_killed_resumes_from_its_checkpoint(cluster, tmp_path):
 def test_actor_killed_learner_goes_on_and_restarted_actor_rejoins(
     cluster, tmp_path):
   port = free_port()
-  flags = _flags(f'localhost:{port}', 3000)
+  # Long enough that a restarted actor (about 10 s to start) finds the
+  # learner still training.
+  flags = _flags(f'localhost:{port}', 15000)
   cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
   actor_flags = {task: flags + [f'--task={task}', f'--root_dir={tmp_path}/a']
@@ -91,7 +93,7 @@ def test_actor_killed_learner_goes_on_and_restarted_actor_rejoins(
       'actor_1_again', r'acting with weights of train_step (\d+)', 120)
   assert int(m.group(1)) > at_kill
   assert 'random initial collect' not in cluster.log('actor_1_again')
-  assert cluster.wait('learner', 300) == 0, cluster.tail('learner')
+  assert cluster.wait('learner', 400) == 0, cluster.tail('learner')
   for name in ('actor_0', 'actor_1_again'):
     assert cluster.wait(name, 60) == 0, cluster.tail(name)
 

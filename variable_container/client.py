@@ -21,8 +21,10 @@ from common.errors import UserError
 TRAIN_STEP_KEY = reverb_variable_container.TRAIN_STEP_KEY
 
 # Errors after which a retry can succeed: the server is restarting or slow.
+# Reverb's Python client reports a dropped connection ("Connection reset by
+# peer") as a RuntimeError.
 _TRANSIENT = (reverb.errors.DeadlineExceededError, tf.errors.UnavailableError,
-              reverb.errors.ReverbError,
+              reverb.errors.ReverbError, RuntimeError,
               tf.errors.DeadlineExceededError, tf.errors.CancelledError,
               tf.errors.AbortedError)
 
@@ -65,17 +67,17 @@ class VariableContainerClient:
                    self._address)
 
   def _retry(self, what: str, fn):
-    self._ensure_reachable()
     start = time.monotonic()
     delay = 0.5
     while True:
+      self._ensure_reachable()
       try:
         return fn()
       except _TRANSIENT as e:
         elapsed = time.monotonic() - start
         if elapsed > self._timeout_s or self._should_stop():
-          raise UserError(f'{self._who}: {what} at {self._address} kept '
-                          f'failing for {elapsed:.0f}s: '
+          raise UserError(f'{what} at {self._address} kept failing for '
+                          f'{elapsed:.0f}s: '
                           f'{str(e).splitlines()[0][:120]}') from None
         logging.warning('%s: %s at %s failed (%s); retrying in %.1fs',
                         self._who, what, self._address,
