@@ -83,7 +83,7 @@ FLAGS
 chmod 644 "$flagfile"
 
 say "docker-compose up --scale actor=2"
-compose up -d --scale actor=2 replay_server learner actor evaluator >/dev/null
+compose up -d --scale actor=2 >/dev/null
 learner="$(compose ps -q learner)"
 [ -n "$learner" ] || fail "no learner container"
 code="$(timeout 600 docker wait "$learner")" || fail "learner still running after 600s"
