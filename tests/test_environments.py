@@ -105,7 +105,7 @@ def test_pendulum_discretized_trains_with_dqn(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_cartpole_dqn_reaches_150(cluster, tmp_path):
-  """CartPole-v0 with --agent=dqn: 10-episode average >= 150 (random ~20)."""
+  """CartPole-v0 with --agent=dqn: 10-episode average >= 150 (random ~22)."""
   root = str(tmp_path)
   cluster.start('launcher', 'launcher', SMALL + [
       '--env=CartPole-v0', '--agent=dqn', '--initial_collect_steps=1000',
@@ -119,5 +119,7 @@ def test_cartpole_dqn_reaches_150(cluster, tmp_path):
       break
     time.sleep(2)
   rows = _metrics(root)
-  assert rows and rows[0]['AverageReturn'] < 100, rows
-  assert max(r['AverageReturn'] for r in rows) >= 150, rows
+  # Trained evaluations only: an untrained greedy Q network can balance the
+  # pole for a while by luck (seen: 106 at step 0).
+  trained = [r['AverageReturn'] for r in rows if r['train_step'] > 0]
+  assert trained and max(trained) >= 150, rows
