@@ -9,7 +9,6 @@ machine drift between runs). Prints one JSON document and writes it to --out.
 import json
 import os
 import re
-import signal
 import statistics
 import sys
 import tempfile
@@ -26,16 +25,14 @@ from tf_agents.policies import py_tf_eager_policy
 from tf_agents.policies import random_py_policy
 from tf_agents.replay_buffers import reverb_replay_buffer
 from tf_agents.replay_buffers import reverb_utils
-from tf_agents.specs import tensor_spec
 from tf_agents.train import actor as tfa_actor
 from tf_agents.train import learner as tfa_learner
-from tf_agents.train.utils import train_utils
 
 from common import agents
 from common import config as config_lib
 from common import environments
 from learner import dataset as dataset_lib
-from tests.cluster import Cluster, free_port
+from tests.cluster import Cluster, free_port, processes_naming
 from variable_container import VariableContainerClient
 
 OUT = flags.DEFINE_string('out', 'bench/results.json', 'Where to write JSON.')
@@ -279,14 +276,8 @@ def distributed_run(workdir, env_name, num_actors, initial_steps, train_steps,
       '--log_interval_s=2', '--show_child_logs=false'])
   try:
     while cluster.procs['launcher'].poll() is None:
-      out = os.popen(f"pgrep -f -- '--root_dir={root}'").read().split()
       pids = {}
-      for pid in map(int, out):
-        try:
-          with open(f'/proc/{pid}/cmdline') as f:
-            cmd = f.read().split('\0')
-        except OSError:
-          continue
+      for pid, cmd in processes_naming(root).items():
         role = cmd[2] if len(cmd) > 2 else '?'
         task = next((a for a in cmd if a.startswith('--task=')), '')
         pids[f'{role}{task.replace("--task=", "_")}'] = pid

@@ -40,9 +40,6 @@ class StopRequest:
                  self.signal_name)
     self._event.set()
 
-  def request(self):
-    self._event.set()
-
   def __call__(self) -> bool:
     return self._event.is_set()
 

@@ -173,7 +173,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
 
   meter = progress.RateMeter(start_step, s.train_steps)
   step, last_push, loss = start_step, start_step, float('nan')
-  first_rate, t_first = None, None
+  first_step, t_first = None, None
   iterator = None  # None: the Learner's own.
   waiting_since, last_wait_log = None, 0.0
   heartbeat = _Heartbeat(s.replay_address, train_step).start()
@@ -212,7 +212,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
       loss = float(loss_info.loss.numpy())
       step = int(learner.train_step_numpy)
       if t_first is None:
-        t_first, first_rate = time.monotonic(), step
+        t_first, first_step = time.monotonic(), step
       if step - last_push >= s.push_interval_steps:
         container.push(variables)
         last_push = step
@@ -232,7 +232,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   learner._checkpointer.save(train_step)  # pylint: disable=protected-access
   container.push(variables)
   elapsed = time.monotonic() - t_first if t_first else 0.0
-  rate = (step - first_rate) / elapsed if elapsed > 0 else 0.0
+  rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
   logging.info('learner: finished at train_step %d (started at %d); loss '
                '%.4g; %.1f train steps/s', step, start_step, loss, rate)
   return LearnerResult(step, start_step, loss, rate)

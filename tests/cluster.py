@@ -97,6 +97,22 @@ class Cluster:
       log.close()
 
 
+def processes_naming(root_dir: str, exclude=()) -> Dict[int, List[str]]:
+  """{pid: argv} of running processes whose command line has this root_dir."""
+  out = subprocess.run(['pgrep', '-f', '--', f'--root_dir={root_dir}'],
+                       capture_output=True, text=True).stdout
+  found = {}
+  for pid in map(int, out.split()):
+    if pid in exclude:
+      continue
+    try:
+      with open(f'/proc/{pid}/cmdline') as f:
+        found[pid] = f.read().rstrip('\0').split('\0')
+    except OSError:
+      pass  # Exited meanwhile.
+  return found
+
+
 def table_size(address: str, table: str = 'uniform_table') -> Optional[int]:
   import reverb  # pylint: disable=g-import-not-at-top
   try:

@@ -5,13 +5,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 
 import imageio
 import tensorflow as tf
 
 from tests.cluster import TINY
+from tests.cluster import processes_naming
 
 PENDULUM = ['--env=Pendulum-v1', '--replay_capacity=5000',
             '--min_size_to_sample=200', '--initial_collect_steps=200',
@@ -21,15 +21,8 @@ PENDULUM = ['--env=Pendulum-v1', '--replay_capacity=5000',
 
 
 def _children_of(root_dir: str, launcher_pid: int):
-  """PIDs of the launcher's children: processes naming this root_dir."""
-  out = subprocess.run(['pgrep', '-f', '--', f'--root_dir={root_dir}'],
-                       capture_output=True, text=True).stdout
-  return [int(p) for p in out.split() if int(p) != launcher_pid]
-
-
-def _cmdline(pid: int) -> str:
-  with open(f'/proc/{pid}/cmdline') as f:
-    return f.read().replace('\0', ' ')
+  """{pid: argv} of the launcher's children: processes naming root_dir."""
+  return processes_naming(root_dir, exclude=(launcher_pid,))
 
 
 def _tags(event_dir: str):
@@ -50,8 +43,8 @@ def test_launcher_end_to_end_with_an_actor_killed(cluster, tmp_path):
   # Kill actor 1 mid-run; the launcher must restart it.
   cluster.wait_for_log('launcher', r'\[learner\].*learner: train_step \d+',
                        240)
-  victims = [p for p in _children_of(root, launcher.pid)
-             if '--task=1 --mode=collect' in _cmdline(p)]
+  victims = [p for p, argv in _children_of(root, launcher.pid).items()
+             if '--task=1 --mode=collect' in ' '.join(argv)]
   assert len(victims) == 1, victims
   os.kill(victims[0], signal.SIGKILL)
   cluster.wait_for_log('launcher', r'actor_1 died with exit code -9; '
