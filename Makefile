@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench learn venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run $(ARGS)
+
+learn: $(STAMP)
+	$(VENV)/bin/python -m bench.learning $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -21,7 +21,9 @@ def main(_):
         server_timeout_s=cf.SERVER_TIMEOUT_S.value,
         video_episodes=cf.VIDEO_EPISODES.value,
         video_interval=cf.VIDEO_INTERVAL.value,
-        video_size=cf.video_size()), stop)
+        video_size=cf.video_size(),
+        replay_address=cf.replay_address(),
+        seed=cf.SEED.value), stop)
     return
   from actor import collect  # pylint: disable=g-import-not-at-top
   collect.collect(collect.ActorSettings(
@@ -38,7 +40,8 @@ def main(_):
       agent=cf.agent_config(),
       env_options=cf.env_options(),
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,
-      log_interval_s=cf.LOG_INTERVAL_S.value), stop)
+      log_interval_s=cf.LOG_INTERVAL_S.value,
+      seed=cf.SEED.value), stop)
 
 
 if __name__ == '__main__':

@@ -53,6 +53,7 @@ class ActorSettings:
   log_interval_s: float = 10.0
   # While blocked by the rate limiter, how often to ask whether training ended.
   done_check_interval_s: float = 5.0
+  seed: int = 0  # Run seed; environment seeds derive from it.
 
 
 class _BatchedEagerPolicy(py_tf_eager_policy.PyTFEagerPolicy):
@@ -122,7 +123,7 @@ def collect(s: ActorSettings,
   # Each environment keeps run statistics; with several, one batched
   # environment steps them together so the policy runs once per batch.
   stats = [wrappers.RunStats(environments.load_environment(
-      s.env_name, seed=task * 1000 + i, options=s.env_options))
+      s.env_name, seed=s.seed * 100000 + task * 1000 + i, options=s.env_options))
            for i in range(s.envs_per_actor)]
   n = s.envs_per_actor
   env = stats[0] if n == 1 else batched_py_environment.BatchedPyEnvironment(

@@ -16,6 +16,8 @@ import time
 from typing import Callable, List
 
 from absl import logging
+import numpy as np
+import reverb
 from tf_agents.policies import greedy_policy
 from tf_agents.policies import py_tf_eager_policy
 from tf_agents.train import actor as tfa_actor
@@ -48,6 +50,10 @@ class EvalSettings:
   video_episodes: int = 1
   video_interval: int = 0  # 0: a video at the end of training only.
   video_size: tuple = (480, 360)
+  # Where to read the env steps collected so far (the replay table's insert
+  # count); empty: not recorded.
+  replay_address: str = ''
+  seed: int = 0  # Run seed; the evaluation environment's seed derives from it.
 
 
 def read_metrics(eval_dir: str) -> List[dict]:
@@ -62,6 +68,33 @@ def read_metrics(eval_dir: str) -> List[dict]:
         except ValueError:
           pass
   return rows
+
+
+class _EpisodeReturns:
+  """An observer keeping each finished episode's undiscounted return."""
+
+  def __init__(self):
+    self.returns: List[float] = []
+    self._current = 0.0
+
+  def __call__(self, traj) -> None:
+    if traj.is_first():
+      self._current = 0.0
+    self._current += float(np.sum(traj.reward))
+    if traj.is_last():
+      self.returns.append(self._current)
+
+
+def _env_steps(replay_address: str):
+  """Transitions inserted into the replay table so far (one per env step)."""
+  if not replay_address:
+    return None
+  try:
+    info = reverb.Client(replay_address).server_info(timeout=5)
+    return int(info[config_lib.REPLAY_TABLE].rate_limiter_info.insert_stats
+               .completed)
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 class _Stopped(Exception):
@@ -85,7 +118,8 @@ def evaluate(s: EvalSettings,
   """Evaluates until the final train_step is evaluated; returns the rows."""
   eval_dir = outputs.ensure_writable_dir(os.path.join(s.root_dir, EVAL_DIR))
   environments.set_render_size(*s.video_size)
-  env = environments.load_environment(s.env_name, seed=12345,
+  env = environments.load_environment(s.env_name,
+                                     seed=12345 + s.seed * 100000,
                                      options=s.env_options)
   train_step = train_utils.create_train_step()
   agent = agents.create_agent(env, s.agent, train_step, s.env_name)
@@ -95,13 +129,14 @@ def evaluate(s: EvalSettings,
                                       should_stop)
   policy = py_tf_eager_policy.PyTFEagerPolicy(
       greedy_policy.GreedyPolicy(agent.policy), use_tf_function=True)
+  episode_returns = _EpisodeReturns()
   eval_actor = tfa_actor.Actor(
       env, policy, train_step,
       episodes_per_run=s.num_eval_episodes,
       metrics=tfa_actor.eval_metrics(s.num_eval_episodes),
       summary_dir=eval_dir,
       summary_interval=0,  # Written explicitly after every evaluation.
-      observers=[_stop_check(should_stop)])
+      observers=[_stop_check(should_stop), episode_returns])
   rows = []
   next_eval = 0
   next_video = s.video_interval
@@ -111,6 +146,8 @@ def evaluate(s: EvalSettings,
       time.sleep(s.poll_interval_s)
       continue
     step = container.pull_into(variables)
+    env_steps = _env_steps(s.replay_address)
+    episode_returns.returns.clear()
     started = time.monotonic()
     try:
       eval_actor.run()
@@ -122,6 +159,11 @@ def evaluate(s: EvalSettings,
     row = {'train_step': step,
            'AverageReturn': results['AverageReturn'],
            'AverageEpisodeLength': results['AverageEpisodeLength'],
+           'ReturnStd': float(np.std(episode_returns.returns)),
+           'ReturnMin': float(np.min(episode_returns.returns)),
+           'ReturnMax': float(np.max(episode_returns.returns)),
+           'num_episodes': len(episode_returns.returns),
+           'env_steps': env_steps,
            'eval_seconds': round(time.monotonic() - started, 2),
            'time': time.time()}
     rows.append(row)

@@ -123,6 +123,7 @@ def create_sac_agent(env, config: SacConfig,
       td_errors_loss_fn=tf.math.squared_difference,
       gamma=config.gamma,
       reward_scale_factor=config.reward_scale_factor,
+      target_entropy=config.target_entropy,
       train_step_counter=train_step)
   agent.initialize()
   return agent

@@ -34,6 +34,16 @@ VALIDATE_ENV_EPISODES = flags.DEFINE_integer(
     'Episodes of random actions with which every process checks the '
     "environment's time steps against its specs at start; 0: skip.",
     lower_bound=0)
+PRESET = flags.DEFINE_string(
+    'preset', 'auto',
+    'Hyperparameter preset: a flagfile presets/<name>.cfg (minitaur, '
+    'tutorial) whose values apply to every flag not given on the command line '
+    'or in a --flagfile. auto: minitaur for --env=MinitaurBulletEnv-v0, none '
+    'otherwise; none: the flag defaults (the tutorial\'s).')
+SEED = flags.DEFINE_integer(
+    'seed', 0,
+    'Run seed: network initialization, action sampling and environment '
+    'seeds of every process derive from it.', lower_bound=0)
 ROOT_DIR = flags.DEFINE_string(
     'root_dir', 'runs/sac',
     "This process's output directory (checkpoints, summaries, videos); never "
@@ -78,6 +88,11 @@ GAMMA = flags.DEFINE_float('gamma', _SAC.gamma, 'Discount.', lower_bound=0,
                            upper_bound=1)
 REWARD_SCALE_FACTOR = flags.DEFINE_float(
     'reward_scale_factor', _SAC.reward_scale_factor, 'Reward scale.')
+TARGET_ENTROPY = flags.DEFINE_float(
+    'target_entropy', None,
+    "SAC: the policy entropy alpha is tuned to hold (default: TF-Agents', "
+    '-dim(A)/2). Below 0, the entropy term makes each step alive cost reward, '
+    'which teaches falling on tasks that end when the robot falls.')
 BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', None,
     f'Global training batch size (default: sac {_SAC.batch_size}, dqn '
@@ -183,6 +198,7 @@ def agent_config() -> config_lib.AgentConfig:
       target_update_period=TARGET_UPDATE_PERIOD.value,
       gamma=GAMMA.value,
       reward_scale_factor=REWARD_SCALE_FACTOR.value,
+      target_entropy=TARGET_ENTROPY.value,
       batch_size=batch_size())
 
 

@@ -7,7 +7,7 @@ processes given the same flags agree on every spec without exchanging files.
 """
 
 import dataclasses
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 # Table names shared with stock TF-Agents clients.
 REPLAY_TABLE = 'uniform_table'
@@ -32,6 +32,9 @@ class SacConfig:
   target_update_period: int = 1
   gamma: float = 0.99
   reward_scale_factor: float = 1.0
+  # Entropy alpha is tuned to keep the policy's entropy here. None: TF-Agents'
+  # default, -dim(A)/2.
+  target_entropy: Optional[float] = None
   batch_size: int = 256
 
 

@@ -47,6 +47,27 @@ class StopRequest:
     return self._event.wait(seconds)
 
 
+def seed_everything(seed: int, program: str) -> None:
+  """Seeds Python, NumPy and TensorFlow from the run seed and the role.
+
+  Roles get different streams (an actor's sampling must not mirror the
+  evaluator's), and the same (seed, role) gives the same stream on a rerun.
+  """
+  if program not in ('learner', 'actor'):
+    return  # The others sample nothing (and the launcher stays TF-free).
+  import random  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  role = program
+  if 'task' in flags.FLAGS and 'mode' in flags.FLAGS:
+    role = f'{program}/{flags.FLAGS.mode}/{flags.FLAGS.task}'
+  value = (seed * 1000003 + zlib.crc32(role.encode())) % (2**31 - 1)
+  random.seed(value)
+  np.random.seed(value)
+  tf.random.set_seed(value)
+
+
 def run(main, program: str):
   """Runs `main(argv)` under absl; a UserError becomes one line and exit 2."""
 
@@ -55,6 +76,8 @@ def run(main, program: str):
       sys.stderr.write(f'{program}: error: unexpected arguments {argv[1:]}; '
                        'flags are given as --name=value\n')
       sys.exit(2)
+    if 'seed' in flags.FLAGS:
+      seed_everything(flags.FLAGS.seed, program)
     try:
       main(argv)
     except UserError as e:
@@ -65,9 +88,17 @@ def run(main, program: str):
 
   def _parse_flags(argv):
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except flags.Error as e:
       sys.stderr.write(f'{program}: error: {e} (see --helpfull)\n')
       sys.exit(2)
+    if 'preset' in flags.FLAGS:
+      from common import presets  # pylint: disable=g-import-not-at-top
+      try:
+        presets.apply(flags.FLAGS)
+      except UserError as e:
+        sys.stderr.write(f'{program}: error: {e}\n')
+        sys.exit(2)
+    return rest
 
   app.run(_main, flags_parser=_parse_flags)

@@ -13,6 +13,7 @@ from absl import flags
 import portpicker
 
 from common import cluster_flags as cf
+from common import presets
 from launcher import supervisor
 
 
@@ -50,6 +51,10 @@ def main(_):
   os.makedirs(root_dir, exist_ok=True)
   argv_flags = [a for a in sys.argv[1:] if not a.startswith('--root_dir')]
   argv_flags.append(f'--root_dir={root_dir}')
+  preset = presets.resolve(cf.PRESET.value, cf.ENV.value)
+  print(f'[launcher] --env={cf.ENV.value} --preset={preset or "none"}'
+        + (f' ({os.path.join(presets.PRESET_DIR, preset + ".cfg")}; flags '
+           'you give win)' if preset else ' (flag defaults)'), flush=True)
   sup = supervisor.Supervisor(
       children(argv_flags, port, root_dir), os.path.join(root_dir, 'logs'),
       train_steps=cf.TRAIN_STEPS.value,

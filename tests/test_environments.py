@@ -79,47 +79,68 @@ def test_bad_environment_fails_at_start(cluster, args, expected):
   assert time.monotonic() - start < 30
 
 
-def test_card_game_trains_in_the_distributed_system(cluster, tmp_path):
+# Optimal card play (stop at a sum of 14 or more) scores -5.14 on average
+# (dynamic programming over the sum); random play about -17.
+CARD_GAME_TRAIN_STEPS = int(os.environ.get('CARD_GAME_TRAIN_STEPS', '3000'))
+
+
+def test_card_game_learns_near_optimal_play(cluster, tmp_path):
+  """DQN's final greedy policy scores >= -7 over 200 episodes.
+
+  Judged on the final evaluation alone, beside the untrained policy's score
+  measured in the same run (train_step 0). CARD_GAME_TRAIN_STEPS=0 shows the
+  test failing against an untrained policy.
+  """
   root = str(tmp_path)
+  steps = max(1, CARD_GAME_TRAIN_STEPS)
   cluster.start('launcher', 'launcher', SMALL + [
-      '--env=common.card_game:CardGameEnv', '--agent=dqn',
-      '--train_steps=600', '--eval_interval=300', f'--root_dir={root}'])
+      '--env=common.card_game:CardGameEnv', '--agent=dqn', '--seed=1',
+      f'--train_steps={steps}', f'--eval_interval={steps}',
+      '--num_eval_episodes=200', f'--root_dir={root}'])
   assert cluster.wait('launcher', 300) == 0, cluster.tail('launcher', 60)
   rows = _metrics(root)
-  assert [r['train_step'] for r in rows][-1] >= 600, rows
-  assert all(-21 <= r['AverageReturn'] <= 0 for r in rows), rows
+  assert [r['train_step'] for r in rows] == [0, steps], rows
+  untrained, final = rows[0], rows[-1]
+  assert final['num_episodes'] == 200, final
+  assert final['AverageReturn'] >= -7.0, (
+      f'final greedy return {final["AverageReturn"]:.2f} < -7 (optimal '
+      f'-5.14; untrained {untrained["AverageReturn"]:.2f})')
   log = cluster.log('launcher')
   assert 'cannot render; no video' not in log  # --video_episodes=0
 
 
-def test_pendulum_discretized_trains_with_dqn(cluster, tmp_path):
+def test_pendulum_discretized_learns_with_dqn(cluster, tmp_path):
+  """DQN on 5 discrete torques: final return clearly above the untrained one.
+
+  Both measured in the same run over the same 10 evaluation episodes.
+  """
   root = str(tmp_path)
   cluster.start('launcher', 'launcher', SMALL + [
       '--env=Pendulum-v1', '--agent=dqn', '--discretize_actions=5',
-      '--train_steps=400', '--eval_interval=400', '--num_eval_episodes=1',
-      f'--root_dir={root}'])
+      '--seed=1', '--initial_collect_steps=1000', '--min_size_to_sample=1000',
+      '--train_steps=3000', '--eval_interval=3000', f'--root_dir={root}'])
   assert cluster.wait('launcher', 300) == 0, cluster.tail('launcher', 60)
-  assert 'learner: finished at train_step 400 (started at 0)' in (
-      cluster.log('launcher'))
+  rows = _metrics(root)
+  assert [r['train_step'] for r in rows] == [0, 3000], rows
+  untrained, final = rows[0]['AverageReturn'], rows[-1]['AverageReturn']
+  assert final >= untrained + 300, (untrained, final)
 
 
 @pytest.mark.slow
 def test_cartpole_dqn_reaches_150(cluster, tmp_path):
-  """CartPole-v0 with --agent=dqn: 10-episode average >= 150 (random ~22)."""
+  """CartPole-v0 with --agent=dqn: final 10-episode average >= 150.
+
+  Random play scores about 22. Judged on the mean of the last two
+  evaluations (an untrained greedy Q network can balance for a while by
+  luck: 106 was seen at step 0, so no early evaluation counts).
+  """
   root = str(tmp_path)
   cluster.start('launcher', 'launcher', SMALL + [
-      '--env=CartPole-v0', '--agent=dqn', '--initial_collect_steps=1000',
-      '--min_size_to_sample=1000', '--train_steps=6000',
-      '--eval_interval=500', f'--root_dir={root}'])
-  deadline = time.monotonic() + 600
-  while time.monotonic() < deadline:
-    if any(r['AverageReturn'] >= 150 for r in _metrics(root)):
-      break
-    if cluster.procs['launcher'].poll() is not None:
-      break
-    time.sleep(2)
+      '--env=CartPole-v0', '--agent=dqn', '--seed=1',
+      '--initial_collect_steps=1000', '--min_size_to_sample=1000',
+      '--train_steps=6000', '--eval_interval=3000', f'--root_dir={root}'])
+  assert cluster.wait('launcher', 600) == 0, cluster.tail('launcher', 60)
   rows = _metrics(root)
-  # Trained evaluations only: an untrained greedy Q network can balance the
-  # pole for a while by luck (seen: 106 at step 0).
-  trained = [r['AverageReturn'] for r in rows if r['train_step'] > 0]
-  assert trained and max(trained) >= 150, rows
+  assert [r['train_step'] for r in rows] == [0, 3000, 6000], rows
+  last_two = [r['AverageReturn'] for r in rows[-2:]]
+  assert sum(last_two) / 2 >= 150, rows

@@ -1,9 +1,15 @@
 """The learner under MirroredStrategy over two logical CPU devices."""
 
+import json
 import math
 import re
+import subprocess
+import sys
 
-from tests.cluster import TINY, free_port
+import numpy as np
+import pytest
+
+from tests.cluster import REPO_ROOT, TINY, free_port
 
 
 def test_learner_trains_under_mirrored_strategy(cluster, tmp_path):
@@ -28,3 +34,31 @@ def test_learner_trains_under_mirrored_strategy(cluster, tmp_path):
   assert int(m.group(1)) >= 200
   assert math.isfinite(float(m.group(2)))
   assert cluster.wait('actor', 60) == 0, cluster.tail('actor')
+
+
+@pytest.mark.parametrize('agent, keys', [
+    ('sac', ('critic_loss', 'actor_loss')),
+    ('dqn', ('loss',)),
+])
+def test_mirrored_losses_equal_default_losses(agent, keys):
+  """Same weights, same batches: 2 mirrored replicas give one device's losses.
+
+  See tests/mirrored_losses.py (SAC's sampling noise is taken out of its
+  critic and actor losses there). A wrong loss scale over replicas (a mean
+  per replica summed, a gradient not all-reduced) shows up from the second
+  step on.
+  """
+  out = subprocess.run(
+      [sys.executable, '-m', 'tests.mirrored_losses', '--agent', agent],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['default_replicas'] == 1
+  assert result['mirrored_replicas'] == 2
+  default, mirrored = result['default'], result['mirrored']
+  assert len(default) == len(mirrored) == 5
+  for key in keys:
+    a = np.array([row[key] for row in default])
+    b = np.array([row[key] for row in mirrored])
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=key)
+    assert np.ptp(a) > 1e-3, f'{key} never changed: {a}'  # It trained.

@@ -1,0 +1,243 @@
+"""Learning benchmark: the real cluster to --train_steps, per preset and seed.
+
+Each run is the launcher (replay server, learner, actors, evaluator as
+separate processes) with `--preset=<preset> --seed=<seed>`. Its evaluator rows
+become `<out>/<preset>/seed_<seed>/curve.jsonl`: train_step, env_steps,
+wall-clock seconds since the launcher started, greedy return mean and std over
+the evaluation episodes, episode length. `--baseline` adds the tutorial's
+single-process loop (bench/tutorial_loop.py) for the same steps. All curves
+are drawn into `<out>/learning.png`: return against train steps and against
+wall-clock, mean over seeds with the spread between seeds shaded (one seed:
+the spread between evaluation episodes).
+
+A run whose curve.jsonl already reaches --train_steps is kept, not rerun
+(--rerun to force), so presets can be run one at a time and drawn together.
+
+  make learn                                   # minitaur preset, 1 seed, 100k
+  make learn ARGS="--presets=minitaur,tutorial --baseline --seeds=2"
+  python -m bench.learning --plot_only --out=bench/learning/minitaur
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+OUT = flags.DEFINE_string('out', 'runs/learning', 'Output directory.')
+PRESETS = flags.DEFINE_list('presets', ['minitaur'],
+                            'Presets to run (presets/<name>.cfg).')
+SEEDS = flags.DEFINE_integer('seeds', 1, 'Seeds per preset: 0..seeds-1.',
+                             lower_bound=1)
+FIRST_SEED = flags.DEFINE_integer('first_seed', 0, 'First seed.',
+                                  lower_bound=0)
+TRAIN_STEPS = flags.DEFINE_integer('train_steps', 100000, 'Train steps.',
+                                   lower_bound=1)
+BASELINE = flags.DEFINE_boolean(
+    'baseline', False, "Also run the tutorial's single-process loop.")
+ENV = flags.DEFINE_string('env', 'MinitaurBulletEnv-v0', 'Environment.')
+RERUN = flags.DEFINE_boolean('rerun', False,
+                             'Rerun runs whose curve is already complete.')
+PLOT_ONLY = flags.DEFINE_boolean('plot_only', False,
+                                 'Only redraw the figure from the curves.')
+EXTRA = flags.DEFINE_list(
+    'launcher_flags', [],
+    'More flags for every launcher run, e.g. --launcher_flags=--num_actors=2')
+
+BASELINE_NAME = 'tutorial_loop'
+CURVE = 'curve.jsonl'
+
+
+def read_jsonl(path):
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.endswith('\n'):
+          rows.append(json.loads(line))
+  return rows
+
+
+def complete(run_dir, train_steps):
+  rows = read_jsonl(os.path.join(run_dir, CURVE))
+  return bool(rows) and rows[-1]['train_step'] >= train_steps
+
+
+def curve_rows(metrics_rows, started):
+  """Evaluator rows of this run -> curve rows."""
+  out = []
+  for r in metrics_rows:
+    out.append({
+        'train_step': r['train_step'],
+        'env_steps': r.get('env_steps'),
+        'wall_s': round(r['time'] - started, 1),
+        'return_mean': r['AverageReturn'],
+        'return_std': r.get('ReturnStd'),
+        'episode_length': r['AverageEpisodeLength'],
+        'num_episodes': r.get('num_episodes'),
+    })
+  return out
+
+
+def _stream(proc, label):
+  """Echoes the child's progress lines, prefixed; returns its exit code."""
+  for line in proc.stdout:
+    if line.startswith('[launcher]') or 'tutorial_loop:' in line or (
+        'error' in line.lower()):
+      text = line.split('] ', 1)[-1] if 'tutorial_loop:' in line else line
+      sys.stdout.write(f'[{label}] {text.rstrip()}\n')
+      sys.stdout.flush()
+  return proc.wait()
+
+
+def run_cluster(preset, seed, run_dir, eval_flags):
+  root = os.path.join(run_dir, 'run')
+  if os.path.exists(root):
+    shutil.rmtree(root)  # A fresh run: no resumed replay or checkpoints.
+  args = [sys.executable, '-m', 'launcher', f'--preset={preset}',
+          f'--seed={seed}', f'--env={ENV.value}',
+          f'--train_steps={TRAIN_STEPS.value}', f'--root_dir={root}',
+          '--show_child_logs=false', '--progress_interval_s=30'
+         ] + eval_flags + EXTRA.value
+  started = time.time()
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  code = _stream(proc, f'{preset} seed {seed}')
+  rows = curve_rows(read_jsonl(os.path.join(root, 'eval', 'metrics.jsonl')),
+                    started)
+  with open(os.path.join(run_dir, CURVE), 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+  return code
+
+
+def run_baseline(seed, run_dir, eval_flags):
+  args = [sys.executable, '-m', 'bench.tutorial_loop', f'--out={run_dir}',
+          f'--env={ENV.value}', f'--seed={seed}',
+          f'--train_steps={TRAIN_STEPS.value}'] + eval_flags
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  return _stream(proc, f'{BASELINE_NAME} seed {seed}')
+
+
+def _preset_eval_flags(preset):
+  """The evaluation schedule of `preset`: every run is evaluated alike."""
+  sys.path.insert(0, REPO)
+  from common import presets  # pylint: disable=g-import-not-at-top
+  values = presets.read(preset)
+  return [f'--{k}={values[k]}' for k in ('eval_interval', 'num_eval_episodes')
+          if k in values]
+
+
+def load_series(out):
+  """{name: [rows of each seed]} for every run under `out`."""
+  series = {}
+  for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+    path = os.path.join(out, name)
+    if not os.path.isdir(path):
+      continue
+    runs = [read_jsonl(os.path.join(path, d, CURVE))
+            for d in sorted(os.listdir(path)) if d.startswith('seed_')]
+    runs = [r for r in runs if r]
+    if runs:
+      series[name] = runs
+  return series
+
+
+def summarize(series):
+  """Lines of text: each series' return at a few steps, and its wall-clock."""
+  lines = []
+  for name, runs in series.items():
+    for i, rows in enumerate(runs):
+      final = rows[-1]
+      lines.append(
+          f'{name} run {i}: ' + ', '.join(
+              f'{r["train_step"] // 1000}k {r["return_mean"]:.2f}'
+              for r in rows) +
+          f' | final {final["return_mean"]:.2f} at {final["train_step"]} '
+          f'train steps, {final["wall_s"] / 60:.1f} min')
+  return lines
+
+
+def plot(series, path, title):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, runs in series.items():
+    n = min(len(r) for r in runs)
+    steps = np.array([r['train_step'] for r in runs[0][:n]])
+    returns = np.array([[r['return_mean'] for r in rows[:n]] for rows in runs])
+    walls = np.array([[r['wall_s'] for r in rows[:n]] for rows in runs]) / 60
+    mean = returns.mean(0)
+    if len(runs) > 1:
+      low, high = returns.min(0), returns.max(0)
+      spread = f'{len(runs)} seeds, min-max shaded'
+    else:
+      std = np.array([r.get('return_std') or 0.0 for r in runs[0][:n]])
+      low, high = mean - std, mean + std
+      spread = '1 seed, +-1 std over episodes shaded'
+    label = f'{name} ({spread})'
+    for ax, x in ((axes[0], steps / 1000), (axes[1], walls.mean(0))):
+      line, = ax.plot(x, mean, marker='o', markersize=3, label=label)
+      ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
+  axes[0].set_xlabel('train steps (thousands)')
+  axes[1].set_xlabel('wall-clock (minutes, this machine)')
+  for ax in axes:
+    ax.set_ylabel('greedy return')
+    ax.axhline(0, color='grey', linewidth=0.5)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8, loc='upper left')
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  out = os.path.abspath(OUT.value)
+  os.makedirs(out, exist_ok=True)
+  codes = []
+  if not PLOT_ONLY.value:
+    eval_flags = _preset_eval_flags(PRESETS.value[0])
+    seeds = range(FIRST_SEED.value, FIRST_SEED.value + SEEDS.value)
+    jobs = [(p, s) for p in PRESETS.value for s in seeds]
+    if BASELINE.value:
+      jobs += [(BASELINE_NAME, s) for s in seeds]
+    for i, (name, seed) in enumerate(jobs):
+      run_dir = os.path.join(out, name, f'seed_{seed}')
+      os.makedirs(run_dir, exist_ok=True)
+      if complete(run_dir, TRAIN_STEPS.value) and not RERUN.value:
+        print(f'[learning] {name} seed {seed}: complete, kept ({run_dir})')
+        continue
+      print(f'[learning] run {i + 1}/{len(jobs)}: {name} seed {seed} to '
+            f'{TRAIN_STEPS.value} train steps -> {run_dir}', flush=True)
+      if name == BASELINE_NAME:
+        code = run_baseline(seed, run_dir, eval_flags)
+      else:
+        code = run_cluster(name, seed, run_dir, eval_flags)
+      codes.append(code)
+      if code != 0:
+        print(f'[learning] {name} seed {seed} exited {code}', flush=True)
+  series = load_series(out)
+  if series:
+    png = os.path.join(out, 'learning.png')
+    plot(series, png, f'{ENV.value}: greedy return (this machine)')
+    for line in summarize(series):
+      print(f'[learning] {line}')
+    print(f'[learning] figure: {png}')
+  return 1 if any(codes) else 0
+
+
+if __name__ == '__main__':
+  app.run(lambda argv: sys.exit(main(argv)))

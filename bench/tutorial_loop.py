@@ -1,0 +1,158 @@
+"""The TF-Agents SAC Minitaur tutorial's single-process loop, as a baseline.
+
+The tutorial's own calls and hyperparameters: a local Reverb table (uniform,
+FIFO, MinSize(1)), `initial_collect_steps` random steps, then one collect step
+and one `learner.run(iterations=1)` per iteration. Evaluated the way the
+distributed system's evaluator does it (greedy policy, same episodes, same
+interval), and written as `curve.jsonl` rows in the format of
+`bench/learning.py`, so both draw on the same axes.
+
+  python -m bench.tutorial_loop --out=runs/tutorial_loop --train_steps=100000
+"""
+
+import json
+import os
+import sys
+import time
+
+from common import process  # Must precede TensorFlow imports.
+
+from absl import flags
+from absl import logging
+
+OUT = flags.DEFINE_string('out', 'runs/learning/tutorial_loop/seed_0',
+                          'Directory for curve.jsonl.')
+ENV = flags.DEFINE_string('env', 'MinitaurBulletEnv-v0', 'Environment.')
+TRAIN_STEPS = flags.DEFINE_integer('train_steps', 100000, 'Iterations.',
+                                   lower_bound=1)
+INITIAL_COLLECT_STEPS = flags.DEFINE_integer('initial_collect_steps', 10000,
+                                             'Random steps first.',
+                                             lower_bound=0)
+REPLAY_CAPACITY = flags.DEFINE_integer('replay_capacity', 10000,
+                                       'Replay buffer capacity.', lower_bound=1)
+EVAL_INTERVAL = flags.DEFINE_integer('eval_interval', 10000,
+                                     'Iterations between evaluations.',
+                                     lower_bound=1)
+NUM_EVAL_EPISODES = flags.DEFINE_integer('num_eval_episodes', 10,
+                                         'Greedy episodes per evaluation.',
+                                         lower_bound=1)
+SEED = flags.DEFINE_integer('seed', 0, 'Seed.', lower_bound=0)
+
+
+def main(_):
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import reverb
+  import tensorflow as tf
+  from tf_agents.policies import greedy_policy
+  from tf_agents.policies import py_tf_eager_policy
+  from tf_agents.policies import random_py_policy
+  from tf_agents.replay_buffers import reverb_replay_buffer
+  from tf_agents.replay_buffers import reverb_utils
+  from tf_agents.train import actor
+  from tf_agents.train import learner
+  from tf_agents.train.utils import train_utils
+
+  from common import agents
+  from common import config as config_lib
+  from common import environments
+  from common import progress
+  # pylint: enable=g-import-not-at-top
+
+  tf.random.set_seed(SEED.value)
+  np.random.seed(SEED.value)
+  os.makedirs(OUT.value, exist_ok=True)
+  curve_path = os.path.join(OUT.value, 'curve.jsonl')
+  if os.path.exists(curve_path):
+    os.remove(curve_path)
+  collect_env = environments.load_environment(ENV.value,
+                                              seed=SEED.value * 100000)
+  eval_env = environments.load_environment(ENV.value,
+                                           seed=12345 + SEED.value * 100000)
+  config = config_lib.SacConfig()  # The tutorial's hyperparameters.
+  train_step = train_utils.create_train_step()
+  tf_agent = agents.create_sac_agent(collect_env, config, train_step,
+                                     ENV.value)
+
+  table = reverb.Table(
+      config_lib.REPLAY_TABLE,
+      max_size=REPLAY_CAPACITY.value,
+      sampler=reverb.selectors.Uniform(),
+      remover=reverb.selectors.Fifo(),
+      rate_limiter=reverb.rate_limiters.MinSize(1))
+  reverb_server = reverb.Server([table])
+  reverb_replay = reverb_replay_buffer.ReverbReplayBuffer(
+      tf_agent.collect_data_spec, sequence_length=2,
+      table_name=config_lib.REPLAY_TABLE, local_server=reverb_server)
+  dataset = reverb_replay.as_dataset(
+      sample_batch_size=config.batch_size, num_steps=2).prefetch(50)
+  rb_observer = reverb_utils.ReverbAddTrajectoryObserver(
+      reverb_replay.py_client, config_lib.REPLAY_TABLE, sequence_length=2,
+      stride_length=1)
+
+  collect_policy = py_tf_eager_policy.PyTFEagerPolicy(
+      tf_agent.collect_policy, use_tf_function=True)
+  eval_policy = py_tf_eager_policy.PyTFEagerPolicy(
+      greedy_policy.GreedyPolicy(tf_agent.policy), use_tf_function=True)
+  random_policy = random_py_policy.RandomPyPolicy(
+      collect_env.time_step_spec(), collect_env.action_spec())
+
+  started = time.monotonic()
+  actor.Actor(collect_env, random_policy, train_step,
+              steps_per_run=INITIAL_COLLECT_STEPS.value,
+              observers=[rb_observer]).run()
+  collect_actor = actor.Actor(collect_env, collect_policy, train_step,
+                              steps_per_run=1, observers=[rb_observer])
+  agent_learner = learner.Learner(OUT.value, train_step, tf_agent,
+                                  lambda: dataset)
+
+  returns, lengths = [], []
+  current = [0.0, 0]
+
+  def observe(traj):
+    if traj.is_first():
+      current[:] = [0.0, 0]
+    current[0] += float(np.sum(traj.reward))
+    current[1] += int(not traj.is_boundary())
+    if traj.is_last():
+      returns.append(current[0])
+      lengths.append(current[1])
+
+  eval_actor = actor.Actor(eval_env, eval_policy, train_step,
+                           episodes_per_run=NUM_EVAL_EPISODES.value,
+                           observers=[observe])
+
+  def evaluate(step):
+    returns.clear()
+    lengths.clear()
+    eval_actor.run()
+    row = {'train_step': step,
+           'env_steps': INITIAL_COLLECT_STEPS.value + step,
+           'wall_s': round(time.monotonic() - started, 1),
+           'return_mean': float(np.mean(returns)),
+           'return_std': float(np.std(returns)),
+           'episode_length': float(np.mean(lengths)),
+           'num_episodes': len(returns)}
+    with open(curve_path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    logging.info('tutorial_loop: train_step %d  return %.2f +- %.2f  '
+                 'episode length %.0f', step, row['return_mean'],
+                 row['return_std'], row['episode_length'])
+
+  evaluate(0)
+  meter = progress.RateMeter(0, TRAIN_STEPS.value)
+  for step in range(1, TRAIN_STEPS.value + 1):
+    collect_actor.run()
+    agent_learner.run(iterations=1)
+    if step % EVAL_INTERVAL.value == 0 or step == TRAIN_STEPS.value:
+      evaluate(step)
+    if meter.due(30):
+      meter.update(step)
+      logging.info('tutorial_loop: train_step %d/%d  %.1f steps/s  ETA %s',
+                   step, TRAIN_STEPS.value, meter.rate, meter.eta(step))
+  rb_observer.close()
+  reverb_server.stop()
+
+
+if __name__ == '__main__':
+  sys.exit(process.run(main, 'tutorial_loop'))

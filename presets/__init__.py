@@ -1,0 +1,1 @@
+"""Hyperparameter presets: flagfiles <name>.cfg, read by common/presets.py."""

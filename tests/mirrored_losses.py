@@ -1,0 +1,138 @@
+"""Losses of the first train steps under a given strategy, for fixed batches.
+
+Run as `python -m tests.mirrored_losses --agent=sac|dqn`; prints one JSON
+line: {"default": [...], "mirrored": [...]} with each step's losses.
+
+Both strategies train the project's agent (common/agents.py) with TF-Agents'
+Learner, as learner/train.py does, from the same initial weights (copied) on
+the same global batches (MirroredStrategy splits each over its replicas).
+
+SAC samples actions inside its losses, and two replicas cannot draw the same
+random numbers as one device drawing the whole batch. So for SAC the policy's
+standard deviation is set to e^-20 and alpha to e^-30: the sampled actions
+equal the mean actions to float precision and the entropy terms vanish, which
+leaves the critic and actor losses deterministic functions of weights and
+batch. (The alpha loss still holds log pi's sampled noise and is not compared;
+its gradient's sign, all Adam sees at this scale, is the same either way.)
+"""
+
+import json
+import sys
+
+from common import process  # Must precede TensorFlow imports.  pylint: disable=unused-import
+
+import numpy as np
+import tensorflow as tf
+
+STEPS = 5
+BATCH = 32
+
+
+def main():
+  agent_name = sys.argv[sys.argv.index('--agent') + 1] if (
+      '--agent' in sys.argv) else 'sac'
+  from learner import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  strategy_lib.split_cpu(2)
+  # pylint: disable=g-import-not-at-top
+  from tf_agents.specs import tensor_spec
+  from tf_agents.train import learner as tfa_learner
+  from tf_agents.train.utils import train_utils
+  from tf_agents.trajectories import time_step as ts
+  from common import agents
+  from common import config as config_lib
+  from common import environments
+  # pylint: enable=g-import-not-at-top
+
+  if agent_name == 'dqn':
+    env = environments.load_environment(
+        'CartPole-v0')
+    config = config_lib.DqnConfig(q_fc_layers=(32, 32), batch_size=BATCH)
+  else:
+    env = environments.load_environment('Pendulum-v1')
+    config = config_lib.SacConfig(actor_fc_layers=(32, 32),
+                                  critic_joint_fc_layers=(32, 32),
+                                  batch_size=BATCH)
+
+  # Fixed batches: mid-episode transitions drawn from the specs.
+  tf.random.set_seed(1)
+  probe = agents.create_agent(env, config, None, 'probe')
+  spec = tensor_spec.add_outer_dim(
+      tensor_spec.add_outer_dim(probe.collect_data_spec, 2), BATCH)
+  batches = []
+  for i in range(STEPS):
+    b = tensor_spec.sample_spec_nest(spec, seed=100 + i)
+    mid = tf.fill([BATCH, 2], ts.StepType.MID)
+    obs = b.observation  # Bounded, but CartPole's bounds reach 3e38.
+    b = b._replace(observation=tf.random.stateless_uniform(
+        obs.shape, [i, 3], -1.0, 1.0, dtype=obs.dtype),
+                   step_type=mid, next_step_type=mid,
+                   discount=tf.ones([BATCH, 2]),
+                   reward=tf.random.stateless_normal([BATCH, 2], [i, 7]),
+                   policy_info=())
+    batches.append(b)
+
+  def make_agent(strategy):
+    with strategy.scope():
+      train_step = train_utils.create_train_step()
+      agent = agents.create_agent(env, config, train_step, 'x')
+    return agent, train_step
+
+  def initial_weights(agent):
+    nets = ([agent._q_network, agent._target_q_network]  # pylint: disable=protected-access
+            if agent_name == 'dqn' else
+            [agent._actor_network, agent._critic_network_1,  # pylint: disable=protected-access
+             agent._critic_network_2, agent._target_critic_network_1,  # pylint: disable=protected-access
+             agent._target_critic_network_2])  # pylint: disable=protected-access
+    return [v for n in nets for v in n.variables]
+
+  reference, _ = make_agent(tf.distribute.get_strategy())
+  if agent_name == 'sac':
+    projection = reference._actor_network._projection_networks  # pylint: disable=protected-access
+    dense = projection._projection_layer  # pylint: disable=protected-access
+    kernel, bias = dense.kernel.numpy(), dense.bias.numpy()
+    half = kernel.shape[1] // 2
+    kernel[:, half:] = 0.0
+    bias[half:] = -20.0
+    dense.kernel.assign(kernel)
+    dense.bias.assign(bias)
+    reference._log_alpha.assign(-30.0)  # pylint: disable=protected-access
+  start = [v.numpy() for v in initial_weights(reference)]
+
+  out = {}
+  for name in ('default', 'mirrored'):
+    strategy = strategy_lib.make_strategy(name)
+    agent, train_step = make_agent(strategy)
+    for v, value in zip(initial_weights(agent), start):
+      v.assign(value)
+    if agent_name == 'sac':
+      agent._log_alpha.assign(-30.0)  # pylint: disable=protected-access
+    dataset = tf.data.Dataset.from_tensor_slices(
+        tf.nest.map_structure(lambda *x: tf.stack(x), *batches))
+    dataset = dataset.map(lambda b: (b, ()))
+    if name == 'mirrored':
+      iterator = iter(strategy.experimental_distribute_dataset(dataset))
+      replicas = strategy.num_replicas_in_sync
+    else:
+      iterator = iter(dataset)
+      replicas = 1
+    learner = tfa_learner.Learner(
+        f'/tmp/mirrored_losses_{name}', train_step, agent,
+        experience_dataset_fn=lambda: dataset, strategy=strategy,
+        run_optimizer_variable_init=False, summary_interval=10**9,
+        checkpoint_interval=-1)
+    rows = []
+    for _ in range(STEPS):
+      info = learner.run(iterations=1, iterator=iterator)
+      row = {'loss': float(info.loss.numpy())}
+      extra = info.extra._asdict() if hasattr(info.extra, '_asdict') else {}
+      for key in ('critic_loss', 'actor_loss', 'td_loss'):
+        if key in extra:
+          row[key] = float(np.asarray(extra[key]))
+      rows.append(row)
+    out[name] = rows
+    out[f'{name}_replicas'] = replicas
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()
