@@ -46,6 +46,10 @@ RERUN = flags.DEFINE_boolean('rerun', False,
                              'Rerun runs whose curve is already complete.')
 PLOT_ONLY = flags.DEFINE_boolean('plot_only', False,
                                  'Only redraw the figure from the curves.')
+IMPORT_RUNS = flags.DEFINE_list(
+    'import_runs', [],
+    'name:root_dir pairs of finished launcher runs to add as series (seed 0 '
+    'of <name>); their wall-clock counts from the first evaluation.')
 EXTRA = flags.DEFINE_list(
     'launcher_flags', [],
     'More flags for every launcher run, e.g. --launcher_flags=--num_actors=2')
@@ -229,6 +233,17 @@ def main(argv):
       codes.append(code)
       if code != 0:
         print(f'[learning] {name} seed {seed} exited {code}', flush=True)
+  for spec in IMPORT_RUNS.value:
+    name, _, root = spec.partition(':')
+    rows = read_jsonl(os.path.join(root, 'eval', 'metrics.jsonl'))
+    if not rows:
+      print(f'[learning] --import_runs: no evaluations under {root}')
+      return 2
+    run_dir = os.path.join(out, name, 'seed_0')
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, CURVE), 'w') as f:
+      for r in curve_rows(rows, rows[0]['time'] - rows[0]['eval_seconds']):
+        f.write(json.dumps(r) + '\n')
   series = load_series(out)
   if series:
     png = os.path.join(out, 'learning.png')

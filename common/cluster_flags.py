@@ -29,6 +29,11 @@ DISCRETIZE_ACTIONS = flags.DEFINE_integer(
     'N > 1: turn bounded continuous actions into N discrete ones per '
     'dimension (ActionDiscretizeWrapper), e.g. for --agent=dqn; 0: off.',
     lower_bound=0)
+ACTION_REPEAT = flags.DEFINE_integer(
+    'action_repeat', 1,
+    'Apply each action for this many environment steps, summing their rewards '
+    '(returns stay those of the environment; one train step per agent step '
+    'then sees this many environment steps); 1: off.', lower_bound=1)
 VALIDATE_ENV_EPISODES = flags.DEFINE_integer(
     'validate_env_episodes', 1,
     'Episodes of random actions with which every process checks the '
@@ -175,6 +180,7 @@ def env_options():
   return environments.EnvOptions(
       max_episode_steps=MAX_EPISODE_STEPS.value,
       discretize_actions=DISCRETIZE_ACTIONS.value,
+      action_repeat=ACTION_REPEAT.value,
       validate_episodes=VALIDATE_ENV_EPISODES.value)
 
 
@@ -256,6 +262,12 @@ LOGICAL_CPU_DEVICES = flags.DEFINE_integer(
     'logical_cpu_devices', 0,
     'learner: split the CPU into this many logical devices (0: leave as is); '
     'lets --strategy=mirrored run on a CPU-only machine.', lower_bound=0)
+ALIVE_BONUS = flags.DEFINE_float(
+    'alive_bonus', 0.0,
+    'learner: added to the reward of each sampled transition after which the '
+    'episode goes on (discount > 0), before --reward_scale_factor. A survival '
+    'bonus in the training objective only: the replay table, the actors and '
+    "the evaluator keep the environment's own rewards. 0: off.")
 PUSH_INTERVAL_STEPS = flags.DEFINE_integer(
     'push_interval_steps', 100,
     'learner: train steps between pushes of the policy weights.',

@@ -75,6 +75,8 @@ class EnvOptions:
   """Wrappers and checks applied to every environment a process loads."""
   max_episode_steps: int = 0  # 0: the environment's own limit (TimeLimit).
   discretize_actions: int = 0  # N > 1: ActionDiscretizeWrapper, N per dim.
+  # k > 1: each action is applied for k environment steps (rewards summed).
+  action_repeat: int = 1
   validate_episodes: int = 0  # validate_py_environment over this many.
 
 
@@ -87,6 +89,9 @@ def load_environment(name: str, seed: Optional[int] = None,
       apply, or an environment whose time steps disagree with its specs.
   """
   env = _load(name, options.max_episode_steps)
+  if options.action_repeat > 1:
+    from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
+    env = wrappers.ActionRepeat(env, options.action_repeat)
   if options.discretize_actions:
     env = _discretize(env, name, options.discretize_actions)
   if seed is not None:

@@ -27,7 +27,8 @@ def main(_):
       checkpoint_interval_steps=cf.CHECKPOINT_INTERVAL_STEPS.value,
       policy_save_interval=cf.POLICY_SAVE_INTERVAL.value,
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,
-      log_interval_s=cf.LOG_INTERVAL_S.value)
+      log_interval_s=cf.LOG_INTERVAL_S.value,
+      alive_bonus=cf.ALIVE_BONUS.value)
   train.train(settings, strategy, stop)
 
 

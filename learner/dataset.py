@@ -14,12 +14,16 @@ import tensorflow as tf
 def experience_dataset(address: str, table: str, data_spec, batch_size: int,
                        sequence_length: int, parallel_readers: int = 2,
                        prefetch: int = 8,
-                       rate_limiter_timeout_ms: int = -1) -> tf.data.Dataset:
+                       rate_limiter_timeout_ms: int = -1,
+                       alive_bonus: float = 0.0) -> tf.data.Dataset:
   """Yields `(experience, sample_info)` batches as TF-Agents' Learner expects.
 
   Each element holds `batch_size` items of `data_spec` with their time
   dimension. With `rate_limiter_timeout_ms >= 0`, the dataset ends when no
   item could be sampled for that long (the caller samples again later).
+  `alive_bonus` is added to the reward of every transition whose discount is
+  above 0 (the episode goes on, or was cut by a time limit), not to those
+  that end it; the table keeps the environment's own rewards.
   """
 
   def reader(_):
@@ -36,7 +40,12 @@ def experience_dataset(address: str, table: str, data_spec, batch_size: int,
         tf.ensure_shape(t, [batch_size, sequence_length] + list(spec.shape))
         for t, spec in zip(tf.nest.flatten(sample.data),
                            tf.nest.flatten(data_spec))]
-    return tf.nest.pack_sequence_as(data_spec, tensors), sample.info
+    experience = tf.nest.pack_sequence_as(data_spec, tensors)
+    if alive_bonus:
+      alive = tf.cast(experience.discount > 0, experience.reward.dtype)
+      experience = experience._replace(
+          reward=experience.reward + alive_bonus * alive)
+    return experience, sample.info
 
   dataset = tf.data.Dataset.range(parallel_readers).interleave(
       reader, cycle_length=parallel_readers,

@@ -52,6 +52,9 @@ class LearnerSettings:
   # A sample waits at most this long for the rate limiter; then the loop
   # regains control (to log why it waits, or to stop) and samples again.
   sample_timeout_ms: int = 1000
+  # Added to the reward of every sampled transition after which the episode
+  # goes on (discount > 0): a survival bonus in the training objective only.
+  alive_bonus: float = 0.0
 
 
 @dataclasses.dataclass
@@ -141,7 +144,8 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
         per_replica_batch, config_lib.SEQUENCE_LENGTH,
         parallel_readers=s.sample_parallel_readers,
         prefetch=s.prefetch_batches,
-        rate_limiter_timeout_ms=s.sample_timeout_ms)
+        rate_limiter_timeout_ms=s.sample_timeout_ms,
+        alive_bonus=s.alive_bonus)
 
   def new_iterator():
     return iter(strategy.distribute_datasets_from_function(

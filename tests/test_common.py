@@ -185,3 +185,48 @@ def test_auto_actor_id_needs_the_queue_table():
       tables.claim_actor_id(f'localhost:{server.port}')
   finally:
     server.stop()
+
+
+def test_alive_bonus_reaches_the_learner_not_the_table():
+  """Transitions that continue get the bonus; those that end an episode don't."""
+  from learner import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  from tf_agents.replay_buffers import reverb_utils  # pylint: disable=g-import-not-at-top
+  from tf_agents.trajectories import trajectory  # pylint: disable=g-import-not-at-top
+  env = environments.load_environment('Pendulum-v1')
+  agent = agents.create_sac_agent(env, TINY_SAC)
+  table = tables.replay_table(
+      agents.replay_signature(agent),
+      config_lib.ReplayConfig(replay_capacity=100, min_size_to_sample=1,
+                              samples_per_insert=None), batch_size=4)
+  server = reverb.Server([table], port=free_port())
+  address = f'localhost:{server.port}'
+  try:
+    observer = reverb_utils.ReverbAddTrajectoryObserver(
+        reverb.Client(address), config_lib.REPLAY_TABLE, sequence_length=2,
+        stride_length=1)
+    obs, act = np.zeros(3, np.float32), np.zeros(1, np.float32)
+    # One 3-step episode that ends by termination (discount 0 at the end).
+    steps = [trajectory.first(obs, act, (), np.float32(1.0), np.float32(1.0)),
+             trajectory.mid(obs, act, (), np.float32(2.0), np.float32(0.0)),
+             trajectory.boundary(obs, act, (), np.float32(0.0),
+                                 np.float32(1.0))]
+    steps[1] = steps[1]._replace(next_step_type=np.int32(2))  # LAST next.
+    for step in steps:
+      observer(step)
+    observer.close()
+    dataset = dataset_lib.experience_dataset(
+        address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        batch_size=64, sequence_length=2, parallel_readers=1,
+        alive_bonus=0.5)
+    experience, _ = next(iter(dataset))
+    first = experience.reward.numpy()[:, 0]
+    # Item 1 starts with reward 1 (goes on: +0.5); item 2 with reward 2 and
+    # discount 0 (the episode ended there: no bonus).
+    assert set(np.round(first, 3)) == {1.5, 2.0}, first
+    plain = dataset_lib.experience_dataset(
+        address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        batch_size=64, sequence_length=2, parallel_readers=1)
+    experience, _ = next(iter(plain))
+    assert set(np.round(experience.reward.numpy()[:, 0], 3)) == {1.0, 2.0}
+  finally:
+    server.stop()
