@@ -146,7 +146,7 @@ def evaluate(s: EvalSettings,
       time.sleep(s.poll_interval_s)
       continue
     step = container.pull_into(variables)
-    env_steps = _env_steps(s.replay_address)
+    agent_steps = _env_steps(s.replay_address)
     episode_returns.returns.clear()
     started = time.monotonic()
     try:
@@ -163,7 +163,10 @@ def evaluate(s: EvalSettings,
            'ReturnMin': float(np.min(episode_returns.returns)),
            'ReturnMax': float(np.max(episode_returns.returns)),
            'num_episodes': len(episode_returns.returns),
-           'env_steps': env_steps,
+           # Transitions collected; each is action_repeat environment steps.
+           'agent_steps': agent_steps,
+           'env_steps': (None if agent_steps is None else
+                         agent_steps * s.env_options.action_repeat),
            'eval_seconds': round(time.monotonic() - started, 2),
            'time': time.time()}
     rows.append(row)
