@@ -42,6 +42,12 @@ TRAIN_STEPS = flags.DEFINE_integer('train_steps', 100000, 'Train steps.',
 BASELINE = flags.DEFINE_boolean(
     'baseline', False, "Also run the tutorial's single-process loop.")
 ENV = flags.DEFINE_string('env', 'MinitaurBulletEnv-v0', 'Environment.')
+EVAL_INTERVAL = flags.DEFINE_integer(
+    'eval_interval', 5000, 'Train steps between evaluations (every run).',
+    lower_bound=1)
+NUM_EVAL_EPISODES = flags.DEFINE_integer(
+    'num_eval_episodes', 10, 'Greedy episodes per evaluation (every run).',
+    lower_bound=1)
 RERUN = flags.DEFINE_boolean('rerun', False,
                              'Rerun runs whose curve is already complete.')
 PLOT_ONLY = flags.DEFINE_boolean('plot_only', False,
@@ -132,15 +138,6 @@ def run_baseline(seed, run_dir, eval_flags):
   return _stream(proc, f'{BASELINE_NAME} seed {seed}')
 
 
-def _preset_eval_flags(preset):
-  """The evaluation schedule of `preset`: every run is evaluated alike."""
-  sys.path.insert(0, REPO)
-  from common import presets  # pylint: disable=g-import-not-at-top
-  values = presets.read(preset)
-  return [f'--{k}={values[k]}' for k in ('eval_interval', 'num_eval_episodes')
-          if k in values]
-
-
 def load_series(out):
   """{name: [rows of each seed]} for every run under `out`."""
   series = {}
@@ -213,7 +210,9 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   codes = []
   if not PLOT_ONLY.value:
-    eval_flags = _preset_eval_flags(PRESETS.value[0])
+    # Every run is evaluated alike, whatever its preset says.
+    eval_flags = [f'--eval_interval={EVAL_INTERVAL.value}',
+                  f'--num_eval_episodes={NUM_EVAL_EPISODES.value}']
     seeds = range(FIRST_SEED.value, FIRST_SEED.value + SEEDS.value)
     jobs = [(p, s) for p in PRESETS.value for s in seeds]
     if BASELINE.value:
