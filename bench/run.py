@@ -32,6 +32,7 @@ from common import agents
 from common import config as config_lib
 from common import environments
 from learner import dataset as dataset_lib
+from bench.tutorial_loop import tutorial_replay
 from tests.cluster import Cluster, free_port, processes_naming
 from variable_container import VariableContainerClient
 
@@ -227,19 +228,7 @@ def tutorial_loop(env_name, initial_steps, train_steps):
   """The tutorial's single-process loop: 1 collect step + 1 train step."""
   collect_env, agent = _agent(env_name)
   train_step = agent.train_step_counter
-  table = reverb.Table(config_lib.REPLAY_TABLE, max_size=10000,
-                       sampler=reverb.selectors.Uniform(),
-                       remover=reverb.selectors.Fifo(),
-                       rate_limiter=reverb.rate_limiters.MinSize(1))
-  server = reverb.Server([table])
-  replay = reverb_replay_buffer.ReverbReplayBuffer(
-      agent.collect_data_spec, sequence_length=2,
-      table_name=config_lib.REPLAY_TABLE, local_server=server)
-  dataset = replay.as_dataset(sample_batch_size=SAC.batch_size,
-                              num_steps=2).prefetch(50)
-  observer = reverb_utils.ReverbAddTrajectoryObserver(
-      replay.py_client, config_lib.REPLAY_TABLE, sequence_length=2,
-      stride_length=1)
+  server, dataset, observer = tutorial_replay(agent, 10000, SAC.batch_size)
   start = time.perf_counter()
   tfa_actor.Actor(collect_env,
                   random_py_policy.RandomPyPolicy(collect_env.time_step_spec(),

@@ -39,16 +39,39 @@ NUM_EVAL_EPISODES = flags.DEFINE_integer('num_eval_episodes', 10,
 SEED = flags.DEFINE_integer('seed', 0, 'Seed.', lower_bound=0)
 
 
+def tutorial_replay(agent, capacity: int, batch_size: int):
+  """The tutorial's replay: local server, dataset and trajectory observer."""
+  # pylint: disable=g-import-not-at-top
+  import reverb
+  from tf_agents.replay_buffers import reverb_replay_buffer
+  from tf_agents.replay_buffers import reverb_utils
+  from common import config as config_lib
+  # pylint: enable=g-import-not-at-top
+  table = reverb.Table(
+      config_lib.REPLAY_TABLE,
+      max_size=capacity,
+      sampler=reverb.selectors.Uniform(),
+      remover=reverb.selectors.Fifo(),
+      rate_limiter=reverb.rate_limiters.MinSize(1))
+  server = reverb.Server([table])
+  replay = reverb_replay_buffer.ReverbReplayBuffer(
+      agent.collect_data_spec, sequence_length=2,
+      table_name=config_lib.REPLAY_TABLE, local_server=server)
+  dataset = replay.as_dataset(sample_batch_size=batch_size,
+                              num_steps=2).prefetch(50)
+  observer = reverb_utils.ReverbAddTrajectoryObserver(
+      replay.py_client, config_lib.REPLAY_TABLE, sequence_length=2,
+      stride_length=1)
+  return server, dataset, observer
+
+
 def main(_):
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  import reverb
   import tensorflow as tf
   from tf_agents.policies import greedy_policy
   from tf_agents.policies import py_tf_eager_policy
   from tf_agents.policies import random_py_policy
-  from tf_agents.replay_buffers import reverb_replay_buffer
-  from tf_agents.replay_buffers import reverb_utils
   from tf_agents.train import actor
   from tf_agents.train import learner
   from tf_agents.train.utils import train_utils
@@ -74,21 +97,8 @@ def main(_):
   tf_agent = agents.create_sac_agent(collect_env, config, train_step,
                                      ENV.value)
 
-  table = reverb.Table(
-      config_lib.REPLAY_TABLE,
-      max_size=REPLAY_CAPACITY.value,
-      sampler=reverb.selectors.Uniform(),
-      remover=reverb.selectors.Fifo(),
-      rate_limiter=reverb.rate_limiters.MinSize(1))
-  reverb_server = reverb.Server([table])
-  reverb_replay = reverb_replay_buffer.ReverbReplayBuffer(
-      tf_agent.collect_data_spec, sequence_length=2,
-      table_name=config_lib.REPLAY_TABLE, local_server=reverb_server)
-  dataset = reverb_replay.as_dataset(
-      sample_batch_size=config.batch_size, num_steps=2).prefetch(50)
-  rb_observer = reverb_utils.ReverbAddTrajectoryObserver(
-      reverb_replay.py_client, config_lib.REPLAY_TABLE, sequence_length=2,
-      stride_length=1)
+  reverb_server, dataset, rb_observer = tutorial_replay(
+      tf_agent, REPLAY_CAPACITY.value, config.batch_size)
 
   collect_policy = py_tf_eager_policy.PyTFEagerPolicy(
       tf_agent.collect_policy, use_tf_function=True)
