@@ -26,7 +26,11 @@ TRAIN_STEP_KEY = reverb_variable_container.TRAIN_STEP_KEY
 _TRANSIENT = (reverb.errors.DeadlineExceededError, tf.errors.UnavailableError,
               reverb.errors.ReverbError, RuntimeError,
               tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-              tf.errors.AbortedError)
+              tf.errors.AbortedError,
+              # A server killed while confirming an insert: "Error when
+              # confirming that all items written to table". A push is
+              # idempotent (the table holds one item), so it is retried.
+              tf.errors.InternalError, tf.errors.DataLossError)
 
 
 class VariableContainerClient:
