@@ -50,7 +50,7 @@ class EvalSettings:
   video_episodes: int = 1
   video_interval: int = 0  # 0: a video at the end of training only.
   video_size: tuple = (480, 360)
-  # Where to read the env steps collected so far (the replay table's insert
+  # Where to read the transitions collected so far (the replay table's insert
   # count); empty: not recorded.
   replay_address: str = ''
   seed: int = 0  # Run seed; the evaluation environment's seed derives from it.
@@ -85,8 +85,8 @@ class _EpisodeReturns:
       self.returns.append(self._current)
 
 
-def _env_steps(replay_address: str):
-  """Transitions inserted into the replay table so far (one per env step)."""
+def _transitions_inserted(replay_address: str):
+  """Transitions inserted into the replay table so far (one per agent step)."""
   if not replay_address:
     return None
   try:
@@ -146,7 +146,7 @@ def evaluate(s: EvalSettings,
       time.sleep(s.poll_interval_s)
       continue
     step = container.pull_into(variables)
-    agent_steps = _env_steps(s.replay_address)
+    agent_steps = _transitions_inserted(s.replay_address)
     episode_returns.returns.clear()
     started = time.monotonic()
     try:
