@@ -117,9 +117,12 @@ def collect(s: ActorSettings,
       s.replay_address, s.server_timeout_s, who, should_stop)
   task = s.task
   if task is None:
-    task = tables.claim_actor_id(s.replay_address)
+    task = tables.claim_actor_id(s.replay_address, s.server_timeout_s,
+                                 should_stop)
     who = f'actor {task}'
     logging.info('%s: took index %d from %s', who, task, s.replay_address)
+  # Tells the server, also after it restarts, that this index is taken.
+  lease = tables.ActorLease(s.replay_address, task).start()
   # Each environment keeps run statistics; with several, one batched
   # environment steps them together so the policy runs once per batch.
   stats = [wrappers.RunStats(environments.load_environment(
@@ -193,6 +196,13 @@ def collect(s: ActorSettings,
       newest = container.pull_into(variables)
       if newest is None or newest >= s.max_train_steps:
         break
+      if acted_step is not None and newest < acted_step:
+        # A learner restarted from an older checkpoint: its weights are the
+        # truth; the step counts from there again.
+        logging.warning('%s: the weights went back from train_step %d to %d '
+                        '(a learner restored an older checkpoint); acting '
+                        'with them', who, acted_step, newest)
+        acted_step = None
       # How far behind the newest weights this actor was acting.
       lag = newest - acted_step if acted_step is not None else 0
       acted_step = weights_step = newest
@@ -204,6 +214,8 @@ def collect(s: ActorSettings,
       log_progress('collect')
   except CollectionStopped:
     pass
+  finally:
+    lease.stop()
   reason = 'stop requested' if should_stop() else 'training finished'
   logging.info('%s: %s; %d env steps, %d episodes, %d resets, last acted '
                'with weights of train_step %s, %.0fs blocked by the rate '

@@ -140,8 +140,15 @@ def evaluate(s: EvalSettings,
   rows = []
   next_eval = 0
   next_video = s.video_interval
+  last_seen = None
   while not should_stop():
     step = container.latest_train_step()
+    if step is not None and last_seen is not None and step < last_seen:
+      logging.warning('evaluator: the weights went back from train_step %d '
+                      'to %d (a learner restored an older checkpoint); next '
+                      'evaluation at train_step %d', last_seen, step,
+                      next_eval)
+    last_seen = step if step is not None else last_seen
     if step is None or (step < next_eval and step < s.max_train_steps):
       time.sleep(s.poll_interval_s)
       continue

@@ -23,26 +23,28 @@ class CollectionStopped(Exception):
   """Raised from inside a collect step when the actor should stop."""
 
 
-class _EndEpisodeInBackground:
-  """Wraps a TrajectoryWriter so `end_episode` does not wait for the server.
+class _InterruptibleEndEpisode:
+  """Wraps a TrajectoryWriter so `end_episode` waits in slices, interruptibly.
 
-  The stock `end_episode` blocks until every pending item is confirmed, which
-  under a rate limiter can be forever. Reverb resets the episode at once and
-  keeps sending in the background; the observer bounds what is in flight.
+  Reverb's `end_episode` flushes first and raises DeadlineExceeded on a
+  timeout *before* it starts a new episode and clears the history. So it is
+  retried until it succeeds (the observer keeps at most a few items in
+  flight, so that is short unless the learner has stopped sampling), asking
+  `should_stop()` between slices.
   """
 
-  def __init__(self, writer):
+  def __init__(self, writer, observer: 'StoppableTrajectoryObserver'):
     self._writer = writer
+    self._observer = observer
 
   def __getattr__(self, name):
     return getattr(self._writer, name)
 
   def end_episode(self, clear_buffers: bool = True, timeout_ms=None):
     del timeout_ms
-    try:
-      self._writer.end_episode(clear_buffers, timeout_ms=10)
-    except reverb.errors.DeadlineExceededError:
-      pass
+    self._observer._wait(  # pylint: disable=protected-access
+        lambda slice_ms: self._writer.end_episode(clear_buffers,
+                                                  timeout_ms=slice_ms))
 
 
 class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
@@ -54,7 +56,7 @@ class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
     super().__init__(py_client, config_lib.REPLAY_TABLE,
                      sequence_length=config_lib.SEQUENCE_LENGTH,
                      stride_length=config_lib.STRIDE_LENGTH)
-    self._writer = _EndEpisodeInBackground(self._writer)
+    self._writer = _InterruptibleEndEpisode(self._writer, self)
     self._should_stop = should_stop
     self._max_in_flight = max_in_flight_items
     self._wait_slice_ms = wait_slice_ms
@@ -66,12 +68,16 @@ class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
     self._wait_for_room()
 
   def _wait_for_room(self) -> None:
+    self._wait(lambda slice_ms: self._get_writer().flush(
+        self._max_in_flight, timeout_ms=slice_ms))
+
+  def _wait(self, attempt) -> None:
+    """Calls `attempt(slice_ms)` until it stops timing out; interruptible."""
     start = None
     last_log = 0.0
     while True:
       try:
-        self._get_writer().flush(self._max_in_flight,
-                                 timeout_ms=self._wait_slice_ms)
+        attempt(self._wait_slice_ms)
         break
       except reverb.errors.DeadlineExceededError:
         now = time.monotonic()

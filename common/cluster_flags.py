@@ -367,3 +367,8 @@ CHECKPOINT_INTERVAL_S = flags.DEFINE_float(
     'checkpoint_interval_s', 600,
     'replay_server: seconds between table checkpoints (one is also written '
     'on SIGTERM).', lower_bound=1)
+ACTOR_LEASE_GRACE_S = flags.DEFINE_float(
+    'actor_lease_grace_s', 8.0,
+    'replay_server: seconds after start before it hands out --task=auto actor '
+    'indices, while live actors (which renew theirs every 2s) tell it which '
+    'they hold; so a restart never hands out an index twice.', lower_bound=0)

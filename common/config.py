@@ -15,6 +15,15 @@ VARIABLE_TABLE = 'variables'  # reverb_variable_container.DEFAULT_TABLE
 # A queue of free actor indices; `--task=auto` actors take the next one.
 ACTOR_ID_TABLE = 'actor_ids'
 MAX_ACTOR_IDS = 4096
+# Live actors renew their index here every ACTOR_LEASE_INTERVAL_S seconds; a
+# replay server that starts without a checkpoint waits a grace period for
+# these renewals before it hands out indices, so none is handed out twice.
+ACTOR_LEASE_TABLE = 'actor_leases'
+ACTOR_LEASE_INTERVAL_S = 2.0
+# The learner's train_step as one int64 item, written with every weight push,
+# so actors and the evaluator read the weight version without pulling the
+# weights.
+TRAIN_STEP_TABLE = 'train_step'
 # SAC learns from (s, a, r, s') pairs: 2-step items written with stride 1.
 SEQUENCE_LENGTH = 2
 STRIDE_LENGTH = 1

@@ -7,12 +7,14 @@ exists and never reads another process's files.
 
 import errno
 import socket
+import threading
 import time
 from typing import List, Optional
 
 from absl import logging
 import numpy as np
 import reverb
+import tensorflow as tf
 
 from common import agents
 from common import config as config_lib
@@ -64,27 +66,202 @@ def actor_id_table() -> reverb.Table:
                             max_size=config_lib.MAX_ACTOR_IDS)
 
 
-def fill_actor_ids(address: str) -> None:
-  """Queues the indices 0, 1, ... for `--task=auto` actors to take in order."""
+def actor_lease_table() -> reverb.Table:
+  """Renewals of held actor indices; the server reads each once.
+
+  A FIFO of bounded size: an insert never blocks (the oldest renewal makes
+  room), and every item is gone after the server has sampled it.
+  """
+  return reverb.Table(
+      name=config_lib.ACTOR_LEASE_TABLE,
+      sampler=reverb.selectors.Fifo(),
+      remover=reverb.selectors.Fifo(),
+      max_size=config_lib.MAX_ACTOR_IDS,
+      rate_limiter=reverb.rate_limiters.MinSize(1),
+      max_times_sampled=1)
+
+
+def train_step_table() -> reverb.Table:
+  """The train_step of the latest weight push: one int64, read for pennies."""
+  return reverb.Table(
+      name=config_lib.TRAIN_STEP_TABLE,
+      sampler=reverb.selectors.Fifo(),
+      remover=reverb.selectors.Fifo(),
+      max_size=1,
+      rate_limiter=reverb.rate_limiters.MinSize(1),
+      max_times_sampled=0)
+
+
+def take_int64s(address: str, table: str, timeout_ms: int,
+                limit: Optional[int] = 1,
+                max_in_flight: int = 1) -> List[int]:
+  """Samples up to `limit` one-int64 items, waiting at most `timeout_ms`.
+
+  Returns fewer (or none) when nothing more came within the timeout. Unlike
+  `reverb.Client.sample`, never blocks for longer than that.
+  """
+  dataset = reverb.TrajectoryDataset(
+      address, table, dtypes=tf.int64, shapes=tf.TensorShape([1]),
+      max_in_flight_samples_per_worker=max_in_flight,
+      rate_limiter_timeout_ms=timeout_ms)
+  if limit is not None:
+    dataset = dataset.take(limit)
+  return [int(sample.data[0]) for sample in dataset]
+
+
+def insert_int64(client: reverb.Client, table: str, value: int) -> None:
+  client.insert(np.int64(value), priorities={table: 1.0})
+
+
+def fill_actor_ids(address: str, exclude=()) -> int:
+  """Queues the indices 0, 1, ... (but `exclude`) for `--task=auto` actors.
+
+  Does nothing if the queue is not empty (restored from a checkpoint).
+  Returns the number of indices queued.
+  """
+  return _queue_actor_ids(address, [i for i in range(config_lib.MAX_ACTOR_IDS)
+                                    if i not in set(exclude)], only_if_empty=True)
+
+
+def _queue_actor_ids(address: str, indices, only_if_empty: bool = False) -> int:
   client = reverb.Client(address)
-  if client.server_info()[config_lib.ACTOR_ID_TABLE].current_size:
-    return  # Restored from a checkpoint: keep the indices not yet taken.
+  if (only_if_empty and
+      client.server_info()[config_lib.ACTOR_ID_TABLE].current_size):
+    return 0  # Restored from a checkpoint: keep the indices not yet taken.
   with client.writer(max_sequence_length=1) as writer:
-    for index in range(config_lib.MAX_ACTOR_IDS):
+    for index in indices:
       writer.append(np.int64(index))
       writer.create_item(config_lib.ACTOR_ID_TABLE, num_timesteps=1,
                          priority=1.0)
+  return len(indices)
 
 
-def claim_actor_id(address: str) -> int:
-  """Takes the next free actor index from the replay server's queue."""
+def claim_actor_id(address: str, timeout_s: float = 300.0,
+                   should_stop=lambda: False) -> int:
+  """Takes the next free actor index from the replay server's queue.
+
+  Waits (logging) at most `timeout_s`: a server hands out indices a grace
+  period after it starts, and may be restarting.
+  """
   client = reverb.Client(address)
-  if config_lib.ACTOR_ID_TABLE not in client.server_info():
+  if config_lib.ACTOR_ID_TABLE not in client.server_info(timeout=10):
     raise UserError(f'--task=auto: the server at {address} has no '
                     f'{config_lib.ACTOR_ID_TABLE!r} table (not started with '
                     'python -m replay_server?); give --task=<index>')
-  sample = next(client.sample(config_lib.ACTOR_ID_TABLE, num_samples=1))
-  return int(sample[0].data[0])
+  start = time.monotonic()
+  while True:
+    remaining = timeout_s - (time.monotonic() - start)
+    try:
+      taken = take_int64s(address, config_lib.ACTOR_ID_TABLE,
+                          int(1000 * max(0.1, min(5.0, remaining))))
+    except (tf.errors.UnavailableError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError) as e:
+      logging.warning('actor: lost %s while taking an index (%s)', address,
+                      type(e).__name__)
+      taken = []
+      time.sleep(1.0)
+    if taken:
+      return taken[0]
+    elapsed = time.monotonic() - start
+    if elapsed >= timeout_s:
+      raise UserError(
+          f'--task=auto: no free actor index from {address} within '
+          f'{timeout_s:g}s (all {config_lib.MAX_ACTOR_IDS} taken, or the '
+          'server is not handing them out); give --task=<index> or raise '
+          '--server_timeout_s')
+    if should_stop():
+      raise UserError(f'stopped while waiting for an actor index from '
+                      f'{address}')
+    logging.info('actor: waiting for a free actor index from %s (%.0fs of '
+                 '%gs)', address, elapsed, timeout_s)
+
+
+class ActorLease:
+  """Renews this actor's index on the replay server every few seconds.
+
+  A background thread; failures (the server away) are retried quietly. The
+  server keeps indices renewed here out of what it hands out after a restart
+  (see `ActorIndices`).
+  """
+
+  def __init__(self, address: str, index: int,
+               interval_s: float = config_lib.ACTOR_LEASE_INTERVAL_S):
+    self._address = address
+    self._index = index
+    self._interval_s = interval_s
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name=f'actor-lease-{index}')
+    self.renewals = 0
+
+  def start(self) -> 'ActorLease':
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._done.set()
+
+  def _run(self) -> None:
+    client = None
+    while True:
+      try:
+        if client is None:
+          client = reverb.Client(self._address)
+          if config_lib.ACTOR_LEASE_TABLE not in client.server_info(
+              timeout=2):
+            return  # A server without leases (older or not ours).
+        insert_int64(client, config_lib.ACTOR_LEASE_TABLE, self._index)
+        self.renewals += 1
+      except Exception:  # pylint: disable=broad-except
+        client = None  # Reconnect next time (a fresh channel, no backoff).
+      if self._done.wait(self._interval_s):
+        return
+
+
+class ActorIndices:
+  """The server's side of `--task=auto`: hands out indices no live actor holds.
+
+  At start it takes over the queue (the indices restored from a checkpoint,
+  or all of them), then waits `grace_s` while live actors renew their
+  leases, then queues every index that none of them holds. Without this a
+  server restarted without a checkpoint would hand out index 0 again while
+  actor 0 still runs (same index, same environment seeds).
+  """
+
+  def __init__(self, address: str, grace_s: float):
+    self._address = address
+    self._client = reverb.Client(address)
+    restored = take_int64s(address, config_lib.ACTOR_ID_TABLE, 200,
+                           limit=None, max_in_flight=256)
+    self._free = set(restored) if restored else set(
+        range(config_lib.MAX_ACTOR_IDS))
+    self.held = set()
+    self._ready_at = time.monotonic() + grace_s
+    self.queued = False
+    self._restored = bool(restored)
+
+  def poll(self) -> None:
+    """Reads lease renewals; queues the free indices once the grace is over."""
+    size = self._client.server_info(
+        timeout=5)[config_lib.ACTOR_LEASE_TABLE].current_size
+    renewed = set(take_int64s(self._address, config_lib.ACTOR_LEASE_TABLE,
+                              100, limit=size, max_in_flight=64)
+                  ) if size else set()
+    if self.queued:
+      late = renewed - self.held
+      for index in sorted(late & self._free):
+        logging.warning('actor index %d was renewed only after the grace '
+                        'period; it may be handed out twice (raise '
+                        '--actor_lease_grace_s)', index)
+    self.held |= renewed
+    if not self.queued and time.monotonic() >= self._ready_at:
+      free = sorted(self._free - self.held)
+      _queue_actor_ids(self._address, free)
+      self.queued = True
+      logging.info('actor indices: %d free from %d on%s; held by live actors: '
+                   '%s', len(free), free[0] if free else -1,
+                   ' (restored)' if self._restored else '',
+                   sorted(self.held) or 'none')
 
 
 def build_tables(env_name: str, agent_config: config_lib.AgentConfig,
@@ -103,9 +280,11 @@ def build_tables(env_name: str, agent_config: config_lib.AgentConfig,
     tables.append(replay_table(agents.replay_signature(agent), replay,
                                agent_config.batch_size))
     tables.append(actor_id_table())
+    tables.append(actor_lease_table())
   if with_variables:
     variables = agents.shared_variables(agent, agent.train_step_counter)
     tables.append(variable_table(agents.variable_signature(variables)))
+    tables.append(train_step_table())
   return tables
 
 
@@ -146,44 +325,69 @@ def _port_is_free(port: int) -> bool:
 def _sizes(client: reverb.Client) -> str:
   info = client.server_info(timeout=10)
   return ', '.join(f'{name}={info[name].current_size}' for name in sorted(info)
-                   if name != config_lib.ACTOR_ID_TABLE)
+                   if name != config_lib.ACTOR_LEASE_TABLE)
+
+
+def _reason(e: Exception) -> str:
+  return (str(e).splitlines()[0][:160] if str(e) else '') or type(e).__name__
 
 
 def serve(tables: List[reverb.Table], port: int, should_stop,
           checkpoint_dir: str = '', checkpoint_interval_s: float = 600.0,
-          report_interval_s: float = 30.0) -> None:
+          report_interval_s: float = 30.0,
+          actor_lease_grace_s: float = 8.0) -> None:
   """Serves `tables` on `port` until `should_stop`; checkpoints if asked.
 
   With `checkpoint_dir`, the tables are restored from its latest checkpoint at
-  start, checkpointed every `checkpoint_interval_s` and once more on stop.
+  start, checkpointed every `checkpoint_interval_s` and once more on stop. A
+  failed checkpoint or status read is logged and retried at the next
+  interval; it never stops the server.
   """
   server = start_server(tables, port, checkpoint_dir)
   address = f'localhost:{server.port}'
   client = reverb.Client(address)
-  if any(t.name == config_lib.ACTOR_ID_TABLE for t in tables):
-    fill_actor_ids(address)
   names = ', '.join(t.name for t in tables)
   logging.info('serving tables [%s] on port %d', names, server.port)
   if checkpoint_dir:
     logging.info('checkpoints in %s every %gs; restored: %s', checkpoint_dir,
                  checkpoint_interval_s, _sizes(client))
+  actor_ids = None
+  if any(t.name == config_lib.ACTOR_ID_TABLE for t in tables):
+    actor_ids = ActorIndices(address, actor_lease_grace_s)
+    logging.info('actor indices: handed out in %gs, after live actors have '
+                 'renewed theirs', actor_lease_grace_s)
   last_report = last_checkpoint = time.monotonic()
 
   def checkpoint(why):
-    # Sizes read first: inserts continue while the checkpoint is written, so
-    # it holds at least these items (until the table is full).
-    sizes = _sizes(client)
-    path = client.checkpoint()
-    logging.info('checkpoint (%s) written to %s: %s', why, path, sizes)
+    try:
+      # Sizes read first: inserts continue while the checkpoint is written,
+      # so it holds at least these items (until the table is full).
+      sizes = _sizes(client)
+      path = client.checkpoint()
+      logging.info('checkpoint (%s) written to %s: %s', why, path, sizes)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('checkpoint (%s) to %s failed: %s; still serving, next '
+                    'try in %gs', why, checkpoint_dir, _reason(e),
+                    checkpoint_interval_s)
+
+  def guarded(what, fn):
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('%s failed: %s; still serving, trying again later',
+                      what, _reason(e))
 
   try:
     while not should_stop.wait(1.0):
       now = time.monotonic()
+      if actor_ids is not None:
+        guarded('reading actor index leases', actor_ids.poll)
       if checkpoint_dir and now - last_checkpoint >= checkpoint_interval_s:
         checkpoint('periodic')
         last_checkpoint = now
       if now - last_report >= report_interval_s:
-        logging.info('table sizes: %s', _sizes(client))
+        guarded('reading table sizes',
+                lambda: logging.info('table sizes: %s', _sizes(client)))
         last_report = now
     if checkpoint_dir:
       checkpoint('on stop')

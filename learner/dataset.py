@@ -7,6 +7,8 @@ project's 2-core machine it serves about 3.7 times the batches/s of
 measured by `bench/run.py` (see BENCHMARKS.md).
 """
 
+from typing import Callable, Optional
+
 import reverb
 import tensorflow as tf
 
@@ -15,23 +17,42 @@ def experience_dataset(address: str, table: str, data_spec, batch_size: int,
                        sequence_length: int, parallel_readers: int = 2,
                        prefetch: int = 8,
                        rate_limiter_timeout_ms: int = -1,
-                       alive_bonus: float = 0.0) -> tf.data.Dataset:
+                       alive_bonus: float = 0.0,
+                       keep_going: Optional[Callable[[], bool]] = None
+                       ) -> tf.data.Dataset:
   """Yields `(experience, sample_info)` batches as TF-Agents' Learner expects.
 
   Each element holds `batch_size` items of `data_spec` with their time
-  dimension. With `rate_limiter_timeout_ms >= 0`, the dataset ends when no
-  item could be sampled for that long (the caller samples again later).
+  dimension. With `rate_limiter_timeout_ms >= 0` and no `keep_going`, the
+  dataset ends when no item could be sampled for that long. With
+  `keep_going`, a reader that waited that long asks `keep_going()` and, if
+  True, samples on: the pipeline, its prefetched batches and its partial
+  ones survive any wait (every item the rate limiter counted is trained on),
+  and ends only once `keep_going()` is False.
   `alive_bonus` is added to the reward of every transition whose discount is
   above 0 (the episode goes on, or was cut by a time limit), not to those
   that end it; the table keeps the environment's own rewards.
   """
 
-  def reader(_):
+  def stream(_):
     return reverb.TrajectoryDataset.from_table_signature(
         address, table,
         max_in_flight_samples_per_worker=2 * batch_size,
-        rate_limiter_timeout_ms=rate_limiter_timeout_ms,
-    ).batch(batch_size, drop_remainder=True)
+        rate_limiter_timeout_ms=rate_limiter_timeout_ms)
+
+  def go_on(_):
+    flag = tf.py_function(lambda: bool(keep_going()), [], tf.bool)
+    return tf.reshape(flag, [])
+
+  def reader(_):
+    if keep_going is None:
+      items = stream(0)
+    else:
+      # One stream after another, while keep_going(): a stream ends only
+      # when it waited rate_limiter_timeout_ms for nothing.
+      items = tf.data.Dataset.from_tensors(0).repeat().take_while(
+          go_on).flat_map(stream)
+    return items.batch(batch_size, drop_remainder=True)
 
   def repack(sample):
     # The table's signature has the spec's layout but neither its Python

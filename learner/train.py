@@ -85,6 +85,8 @@ class _Heartbeat:
 
   def __init__(self, replay_address: str, train_step: tf.Variable,
                interval_s: float = 30.0):
+    # Sampling waits inside the input pipeline (it survives waits for data),
+    # so this thread is what reports a learner starved of data.
     self._address = replay_address
     self._train_step = train_step
     self._interval_s = interval_s
@@ -106,8 +108,8 @@ class _Heartbeat:
         last_step, still = step, 0.0
         continue
       still += self._interval_s
-      logging.info('learner: no train step for %.0fs (train_step %d): %s',
-                   still, step, _table_state(self._address))
+      logging.info('learner: waiting for replay data at train_step %d for '
+                   '%.0fs: %s', step, still, _table_state(self._address))
 
 
 def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
@@ -145,7 +147,8 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
         parallel_readers=s.sample_parallel_readers,
         prefetch=s.prefetch_batches,
         rate_limiter_timeout_ms=s.sample_timeout_ms,
-        alive_bonus=s.alive_bonus)
+        alive_bonus=s.alive_bonus,
+        keep_going=lambda: not should_stop())
 
   def new_iterator():
     return iter(strategy.distribute_datasets_from_function(
@@ -170,6 +173,14 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   if start_step:
     logging.info('learner: resumed from checkpoint at train_step %d',
                  start_step)
+  published = container.latest_train_step()
+  if published is not None and published > start_step:
+    # This learner's weights are the truth (e.g. restored from an older
+    # checkpoint, or a fresh --root_dir): the version goes back with them.
+    logging.warning('learner: the weights in %s are from train_step %d; '
+                    'replacing them with this learner\'s, train_step %d '
+                    '(the weight version goes back)', s.variable_address,
+                    published, start_step)
   container.push(variables)
   logging.info('learner: pushed initial weights (train_step %d); training to '
                '%d steps, batch %d over %d replica(s)', start_step,
@@ -179,8 +190,8 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   step, last_push, loss = start_step, start_step, float('nan')
   first_step, t_first = None, None
   iterator = None  # None: the Learner's own.
-  waiting_since, last_wait_log = None, 0.0
-  heartbeat = _Heartbeat(s.replay_address, train_step).start()
+  heartbeat = _Heartbeat(s.replay_address, train_step,
+                         min(30.0, 3 * s.log_interval_s)).start()
   try:
     while step < s.train_steps and not should_stop():
       iterations = min(s.iterations_per_call, s.train_steps - step,
@@ -199,22 +210,18 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
         iterator = new_iterator()
         continue
       except tf.errors.OutOfRangeError:
-        # No sample within sample_timeout_ms: the table is below
-        # min_size_to_sample or the rate limiter waits for inserts. The
-        # dataset has ended; sample again from a fresh one.
-        now = time.monotonic()
-        waiting_since = waiting_since or now
-        if now - last_wait_log >= 30 or last_wait_log < waiting_since:
-          last_wait_log = now
-          logging.info('learner: waiting for replay data at train_step %d '
-                       'for %.0fs: %s', int(learner.train_step_numpy),
-                       now - waiting_since, _table_state(s.replay_address))
+        # The pipeline waits through any shortage of data and ends only on
+        # a stop request.
         step = int(learner.train_step_numpy)
-        iterator = new_iterator()
+        if not should_stop():
+          iterator = new_iterator()
         continue
-      waiting_since = None
       loss = float(loss_info.loss.numpy())
       step = int(learner.train_step_numpy)
+      # Checked before any push: non-finite weights never reach the actors.
+      if not math.isfinite(loss):
+        raise UserError(f'loss became {loss} at train_step {step}; '
+                        'lower the learning rates or reward scale')
       if t_first is None:
         t_first, first_step = time.monotonic(), step
       if step - last_push >= s.push_interval_steps:
@@ -225,9 +232,6 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
         logging.info('learner: train_step %d/%d  %.1f steps/s  loss %.4g  '
                      'eta %s', step, s.train_steps, rate, loss,
                      meter.eta(step))
-      if not math.isfinite(loss):
-        raise UserError(f'loss became {loss} at train_step {step}; '
-                        'lower the learning rates or reward scale')
   finally:
     heartbeat.stop()
 

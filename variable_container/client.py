@@ -6,9 +6,10 @@ of transient gRPC errors.
 """
 
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from absl import logging
+import numpy as np
 import reverb
 import tensorflow as tf
 from tf_agents.experimental.distributed import reverb_variable_container
@@ -16,21 +17,39 @@ from tf_agents.experimental.distributed import reverb_variable_container
 from common import agents
 from common import config as config_lib
 from common import reverb_connection
+from common import tables
 from common.errors import UserError
 
 TRAIN_STEP_KEY = reverb_variable_container.TRAIN_STEP_KEY
 
 # Errors after which a retry can succeed: the server is restarting or slow.
+_TRANSIENT_TYPES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                    tf.errors.CancelledError,
+                    reverb.errors.DeadlineExceededError)
+# Other errors are transient only when they say the connection went away:
 # Reverb's Python client reports a dropped connection ("Connection reset by
-# peer") as a RuntimeError.
-_TRANSIENT = (reverb.errors.DeadlineExceededError, tf.errors.UnavailableError,
-              reverb.errors.ReverbError, RuntimeError,
-              tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-              tf.errors.AbortedError,
-              # A server killed while confirming an insert: "Error when
-              # confirming that all items written to table". A push is
-              # idempotent (the table holds one item), so it is retried.
-              tf.errors.InternalError, tf.errors.DataLossError)
+# peer") as a RuntimeError, and a server killed while confirming an insert as
+# InternalError ("Error when confirming that all items written to table").
+_CONNECTION_LOST = ('connection reset', 'connection refused', 'socket closed',
+                    'failed to connect', 'broken pipe', 'stream removed',
+                    'unavailable', 'goaway', 'error when confirming')
+
+
+def is_transient(error: BaseException) -> bool:
+  """True for errors a retry can cure; a genuine bug is never retried."""
+  if isinstance(error, _TRANSIENT_TYPES):
+    return True
+  if isinstance(error, (RuntimeError, tf.errors.OpError,
+                        reverb.errors.ReverbError)):
+    text = str(error).lower()
+    return any(words in text for words in _CONNECTION_LOST)
+  return False
+
+
+def non_finite(variables) -> List[str]:
+  """Names of the variables in `variables` holding NaN or infinity."""
+  return [v.name for v in tf.nest.flatten(variables)
+          if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
 
 
 class VariableContainerClient:
@@ -53,6 +72,8 @@ class VariableContainerClient:
     self._container = reverb_variable_container.ReverbVariableContainer(
         address, table_names=[table])
     self._client = reverb.Client(address)
+    self._has_step_table = (table == config_lib.VARIABLE_TABLE and
+                            config_lib.TRAIN_STEP_TABLE in info)
 
   def _ensure_reachable(self) -> None:
     """Waits (logging) while the server is away.
@@ -77,7 +98,9 @@ class VariableContainerClient:
       self._ensure_reachable()
       try:
         return fn()
-      except _TRANSIENT as e:
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_transient(e):
+          raise  # A bug, not an outage: fail at once, with its traceback.
         elapsed = time.monotonic() - start
         if elapsed > self._timeout_s or self._should_stop():
           raise UserError(f'{what} at {self._address} kept failing for '
@@ -90,7 +113,18 @@ class VariableContainerClient:
         delay = min(2 * delay, 5.0)
 
   def push(self, variables) -> None:
+    """Publishes `variables` and their train_step; never non-finite ones."""
+    step = int(variables[TRAIN_STEP_KEY].numpy())
+    bad = non_finite(variables)
+    if bad:
+      raise UserError(
+          f'weights became non-finite at train_step {step} ({len(bad)} '
+          f'variables, e.g. {bad[0]}); not pushed: lower the learning rates '
+          'or the reward scale')
     self._retry('push', lambda: self._container.push(variables, self._table))
+    if self._has_step_table:
+      self._retry('push train_step', lambda: tables.insert_int64(
+          self._client, config_lib.TRAIN_STEP_TABLE, step))
 
   def has_variables(self) -> bool:
     info = self._retry('server_info',
@@ -119,8 +153,21 @@ class VariableContainerClient:
     return int(variables[TRAIN_STEP_KEY].numpy())
 
   def latest_train_step(self) -> Optional[int]:
-    """The train_step of the latest push, without touching local variables."""
-    if not self.has_variables():
+    """The train_step of the latest push, without touching local variables.
+
+    Reads the one-integer `train_step` table (a few hundred bytes); only for
+    a server without it, or weights pushed by a stock TF-Agents client that
+    does not write it, it pulls the weights.
+    """
+    info = self._retry('server_info',
+                       lambda: self._client.server_info(timeout=10))
+    step_table = info.get(config_lib.TRAIN_STEP_TABLE)
+    if step_table is not None and step_table.current_size:
+      taken = self._retry('read train_step', lambda: tables.take_int64s(
+          self._address, config_lib.TRAIN_STEP_TABLE, 5000))
+      if taken:
+        return taken[0]
+    if not info[self._table].current_size:
       return None
     values = self._retry('pull', lambda: self._container.pull(self._table))
     return int(values[TRAIN_STEP_KEY].numpy())
