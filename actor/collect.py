@@ -160,6 +160,7 @@ def collect(s: ActorSettings,
                    'acting with %s', who, phase, env_steps.result(), rate,
                    sum(e.episodes for e in stats), policy)
 
+  collect_actor = None
   try:
     # The random initial collect fills the table before the first train step;
     # a rejoining actor (the learner is past step 0) skips it.
@@ -216,6 +217,8 @@ def collect(s: ActorSettings,
     pass
   finally:
     lease.stop()
+    if collect_actor is not None:
+      collect_actor.summary_writer.flush()
   reason = 'stop requested' if should_stop() else 'training finished'
   logging.info('%s: %s; %d env steps, %d episodes, %d resets, last acted '
                'with weights of train_step %s, %.0fs blocked by the rate '

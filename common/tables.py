@@ -100,9 +100,12 @@ def take_int64s(address: str, table: str, timeout_ms: int,
   Returns fewer (or none) when nothing more came within the timeout. Unlike
   `reverb.Client.sample`, never blocks for longer than that.
   """
+  # A worker may take a few items beyond `limit`: for queues whose items
+  # must not be lost, see `claim_actor_id`.
   dataset = reverb.TrajectoryDataset(
       address, table, dtypes=tf.int64, shapes=tf.TensorShape([1]),
       max_in_flight_samples_per_worker=max_in_flight,
+      num_workers_per_iterator=1,
       rate_limiter_timeout_ms=timeout_ms)
   if limit is not None:
     dataset = dataset.take(limit)
@@ -148,20 +151,25 @@ def claim_actor_id(address: str, timeout_s: float = 300.0,
     raise UserError(f'--task=auto: the server at {address} has no '
                     f'{config_lib.ACTOR_ID_TABLE!r} table (not started with '
                     'python -m replay_server?); give --task=<index>')
+  # Reverb's Python sampler takes exactly one item from the queue, but it
+  # has no timeout: it runs in a thread this call stops waiting for. (If it
+  # is still blocked then and gets an index later, that index is unused,
+  # never handed out twice.)
   start = time.monotonic()
+  taker = None
   while True:
-    remaining = timeout_s - (time.monotonic() - start)
-    try:
-      taken = take_int64s(address, config_lib.ACTOR_ID_TABLE,
-                          int(1000 * max(0.1, min(5.0, remaining))))
-    except (tf.errors.UnavailableError, tf.errors.CancelledError,
-            tf.errors.DeadlineExceededError) as e:
-      logging.warning('actor: lost %s while taking an index (%s)', address,
-                      type(e).__name__)
-      taken = []
-      time.sleep(1.0)
-    if taken:
-      return taken[0]
+    if taker is None or not taker.is_alive():
+      if taker is not None and taker.result:
+        return taker.result[0]
+      if taker is not None:
+        logging.warning('actor: taking an index from %s failed (%s); trying '
+                        'again', address, taker.error)
+        time.sleep(1.0)
+      taker = _QueueTaker(address, config_lib.ACTOR_ID_TABLE)
+    elapsed = time.monotonic() - start
+    taker.join(max(0.0, min(5.0, timeout_s - elapsed)))
+    if taker.result:
+      return taker.result[0]
     elapsed = time.monotonic() - start
     if elapsed >= timeout_s:
       raise UserError(
@@ -172,8 +180,27 @@ def claim_actor_id(address: str, timeout_s: float = 300.0,
     if should_stop():
       raise UserError(f'stopped while waiting for an actor index from '
                       f'{address}')
-    logging.info('actor: waiting for a free actor index from %s (%.0fs of '
-                 '%gs)', address, elapsed, timeout_s)
+    if taker.is_alive():
+      logging.info('actor: waiting for a free actor index from %s (%.0fs of '
+                   '%gs)', address, elapsed, timeout_s)
+
+
+class _QueueTaker(threading.Thread):
+  """Takes one int64 item from a queue table, in the background."""
+
+  def __init__(self, address: str, table: str):
+    super().__init__(daemon=True)
+    self._address, self._table = address, table
+    self.result, self.error = [], None
+    self.start()
+
+  def run(self):
+    try:
+      sample = next(reverb.Client(self._address).sample(self._table,
+                                                        num_samples=1))
+      self.result.append(int(sample[0].data[0]))
+    except Exception as e:  # pylint: disable=broad-except
+      self.error = _reason(e)
 
 
 class ActorLease:

@@ -3,9 +3,16 @@
 Separate OS processes on localhost, Pendulum with tiny networks.
 """
 
+import glob
+import os
 import re
 import signal
 import time
+
+import tensorflow as tf
+
+from common import config as config_lib
+from common import tables
 
 from tests.cluster import TINY, free_port, table_size
 
@@ -98,22 +105,53 @@ def test_actor_killed_learner_goes_on_and_restarted_actor_rejoins(
     assert cluster.wait(name, 60) == 0, cluster.tail(name)
 
 
+def _wait_log_count(cluster, name, pattern, count, timeout):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if len(re.findall(pattern, cluster.log(name))) >= count:
+      return
+    assert cluster.procs[name].poll() is None, cluster.tail(name)
+    time.sleep(0.5)
+  raise AssertionError(f'{name}: fewer than {count} of {pattern!r}:\n'
+                       f'{cluster.tail(name)}')
+
+
 def test_replay_server_killed_restores_and_clients_continue(cluster,
                                                             tmp_path):
+  """Also: a checkpoint that cannot be written does not stop the server."""
   port = free_port()
   address = f'localhost:{port}'
   flags = _flags(address, 2500)
+  checkpoint_dir = str(tmp_path / 'replay')
   server_flags = flags + [f'--port={port}',
-                          f'--checkpoint_dir={tmp_path}/replay',
-                          '--checkpoint_interval_s=2']
+                          f'--checkpoint_dir={checkpoint_dir}',
+                          '--checkpoint_interval_s=2',
+                          '--actor_lease_grace_s=1']
   cluster.start('replay_server', 'replay_server', server_flags)
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
   for task in range(2):
     cluster.start(f'actor_{task}', 'actor', flags + [
-        f'--task={task}', f'--root_dir={tmp_path}/a'])
-  _wait_train_step(cluster, 'learner', 400, 240)
+        '--task=auto', f'--root_dir={tmp_path}/a'])
+  _wait_train_step(cluster, 'learner', 300, 240)
   cluster.wait_for_log('replay_server', r'checkpoint \(periodic\) written', 30)
-  time.sleep(2.5)  # Past another checkpoint.
+
+  # The checkpoint directory becomes unwritable (here: a file in its place).
+  os.rename(checkpoint_dir, checkpoint_dir + '.away')
+  with open(checkpoint_dir, 'w') as f:
+    f.write('not a directory')
+  _wait_log_count(cluster, 'replay_server',
+                  r'checkpoint \(periodic\) to .* failed: .*still serving', 2,
+                  30)
+  at_failure = _train_steps(cluster.log('learner'))[-1]
+  _wait_train_step(cluster, 'learner', at_failure + 100, 120)  # Still trains.
+  assert cluster.procs['replay_server'].poll() is None
+  os.remove(checkpoint_dir)
+  os.rename(checkpoint_dir + '.away', checkpoint_dir)
+  written = len(re.findall(r'checkpoint \(periodic\) written',
+                           cluster.log('replay_server')))
+  _wait_log_count(cluster, 'replay_server', r'checkpoint \(periodic\) written',
+                  written + 1, 30)
+
   cluster.signal('replay_server', signal.SIGKILL)
   cluster.wait('replay_server', 10)
   checkpointed = [int(n) for n in re.findall(
@@ -123,9 +161,15 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
   time.sleep(3)  # An outage the clients must notice and ride out.
 
   cluster.start('replay_server_again', 'replay_server', server_flags)
-  restored = int(cluster.wait_for_log(
-      'replay_server_again', r'restored: uniform_table=(\d+)', 120).group(1))
-  assert restored >= checkpointed[-1] > 0
+  restored = cluster.wait_for_log(
+      'replay_server_again',
+      r'restored: actor_ids=(\d+), train_step=(\d+), uniform_table=(\d+), '
+      r'variables=(\d+)', 120)
+  # Every table: two actor indices taken, the weights and their step, items.
+  ids, step, items, weights = (int(x) for x in restored.groups())
+  assert ids == config_lib.MAX_ACTOR_IDS - 2
+  assert step == weights == 1
+  assert items >= checkpointed[-1] > 0
   assert table_size(address) >= checkpointed[-1]
   # The same learner and actors (never restarted) carry on to the end.
   assert cluster.wait('learner', 400) == 0, cluster.tail('learner')
@@ -135,3 +179,87 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
   for task in range(2):
     assert cluster.wait(f'actor_{task}', 120) == 0, cluster.tail(
         f'actor_{task}')
+
+
+def test_server_restarted_without_checkpoint_hands_out_no_index_twice(
+    cluster, tmp_path):
+  port = free_port()
+  flags = _flags(f'localhost:{port}', 100000)
+  server_flags = flags + [f'--port={port}', '--actor_lease_grace_s=6']
+  cluster.start('replay_server', 'replay_server', server_flags)
+  cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
+  for name in ('actor_a', 'actor_b'):
+    cluster.start(name, 'actor', flags + ['--task=auto',
+                                          f'--root_dir={tmp_path}/a'])
+  taken = sorted(int(cluster.wait_for_log(
+      name, r'took index (\d+) from', 120).group(1))
+                 for name in ('actor_a', 'actor_b'))
+  assert taken == [0, 1]
+  _wait_train_step(cluster, 'learner', 100, 240)
+
+  cluster.signal('replay_server', signal.SIGKILL)
+  cluster.wait('replay_server', 10)
+  cluster.start('replay_server_again', 'replay_server', server_flags)
+  cluster.start('actor_c', 'actor', flags + ['--task=auto',
+                                             f'--root_dir={tmp_path}/a'])
+  held = cluster.wait_for_log('replay_server_again',
+                              r'held by live actors: (.*)', 60).group(1)
+  assert held == '[0, 1]', cluster.tail('replay_server_again')
+  new = int(cluster.wait_for_log('actor_c', r'took index (\d+) from',
+                                 60).group(1))
+  assert new == 2, cluster.tail('actor_c')
+
+
+def _lags(summary_dir):
+  lags = []
+  for path in glob.glob(os.path.join(summary_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == 'Actor/weight_version_lag':
+          lags.append(float(tf.make_ndarray(value.tensor)))
+  return lags
+
+
+def test_learner_ctrl_c_leaves_checkpoint_and_push_then_rollback(
+    cluster, tmp_path):
+  """Ctrl-C: final checkpoint and push at the last step. Then a learner with
+  older weights (a fresh --root_dir) takes over: the version goes back,
+  logged once by the learner and by the actor, which acts on the new
+  weights, keeps its lag summaries >= 0 and stops at the new learner's end.
+  """
+  port = free_port()
+  address = f'localhost:{port}'
+  flags = _flags(address, 700)
+  cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
+  cluster.start('actor', 'actor', flags + ['--task=0', '--num_actors=1',
+                                           f'--root_dir={tmp_path}/a'])
+  first_root = tmp_path / 'first'
+  cluster.start('learner', 'learner', flags + [f'--root_dir={first_root}',
+                                               '--train_steps=100000'])
+  _wait_train_step(cluster, 'learner', 300, 240)
+  cluster.signal('learner', signal.SIGINT)
+  assert cluster.wait('learner', 60) == 0, cluster.tail('learner')
+  last = int(re.search(r'finished at train_step (\d+)',
+                       cluster.log('learner')).group(1))
+  assert last >= 300
+  checkpoints = glob.glob(str(first_root / 'train' / 'checkpoints' /
+                              'ckpt-*.index'))
+  assert max(int(re.search(r'ckpt-(\d+)', p).group(1))
+             for p in checkpoints) == last
+  assert tables.take_int64s(address, config_lib.TRAIN_STEP_TABLE,
+                            5000) == [last]
+
+  cluster.start('learner_b', 'learner', flags + [f'--root_dir={tmp_path}/b'])
+  assert cluster.wait('learner_b', 300) == 0, cluster.tail('learner_b')
+  log_b = cluster.log('learner_b')
+  assert len(re.findall(rf'weights in {address} are from train_step {last}; '
+                        r'replacing them .* train_step 0', log_b)) == 1, log_b
+  assert cluster.wait('actor', 120) == 0, cluster.tail('actor')
+  log_a = cluster.log('actor')
+  rollbacks = re.findall(r'weights went back from train_step (\d+) to (\d+)',
+                         log_a)
+  assert len(rollbacks) == 1, log_a[-3000:]
+  assert int(rollbacks[0][0]) <= last and int(rollbacks[0][1]) < 300
+  assert 'training finished' in log_a
+  lags = _lags(str(tmp_path / 'a' / 'actor_0'))
+  assert lags and min(lags) >= 0, lags
