@@ -355,6 +355,15 @@ def _sizes(client: reverb.Client) -> str:
                    if name != config_lib.ACTOR_LEASE_TABLE)
 
 
+def _published_train_step(client: reverb.Client,
+                          address: str) -> Optional[int]:
+  info = client.server_info(timeout=10).get(config_lib.TRAIN_STEP_TABLE)
+  if info is None or not info.current_size:
+    return None
+  taken = take_int64s(address, config_lib.TRAIN_STEP_TABLE, 1000)
+  return taken[0] if taken else None
+
+
 def _reason(e: Exception) -> str:
   return (str(e).splitlines()[0][:160] if str(e) else '') or type(e).__name__
 
@@ -390,8 +399,10 @@ def serve(tables: List[reverb.Table], port: int, should_stop,
       # Sizes read first: inserts continue while the checkpoint is written,
       # so it holds at least these items (until the table is full).
       sizes = _sizes(client)
+      step = _published_train_step(client, address)
       path = client.checkpoint()
-      logging.info('checkpoint (%s) written to %s: %s', why, path, sizes)
+      logging.info('checkpoint (%s) written to %s: %s%s', why, path, sizes,
+                   '' if step is None else f'; weights of train_step {step}')
     except Exception as e:  # pylint: disable=broad-except
       logging.error('checkpoint (%s) to %s failed: %s; still serving, next '
                     'try in %gs', why, checkpoint_dir, _reason(e),

@@ -103,4 +103,31 @@ def test_ctrl_c_stops_every_child(cluster, tmp_path):
   assert time.monotonic() - start < 30
   assert code == 0, cluster.tail('launcher', 60)
   assert not _children_of(root, launcher.pid), 'orphans left behind'
-  assert 'SIGINT received; stopping children' in cluster.log('launcher')
+  log = cluster.log('launcher')
+  assert 'SIGINT received; stopping children' in log
+  # The learner's last step is in its final checkpoint and was pushed: the
+  # server's own checkpoint on stop holds the weights of that step.
+  last = int(re.search(r'learner: finished at train_step (\d+)', log).group(1))
+  checkpoints = glob.glob(os.path.join(root, 'train', 'checkpoints',
+                                       'ckpt-*.index'))
+  assert max(int(re.search(r'ckpt-(\d+)', p).group(1))
+             for p in checkpoints) == last
+  assert re.search(r'checkpoint \(on stop\) written .*; weights of '
+                   rf'train_step {last}\n', log), log[-3000:]
+
+
+def test_launcher_killed_takes_its_children_down(cluster, tmp_path):
+  """SIGKILL of the launcher: the kernel sends its children SIGTERM."""
+  root = str(tmp_path / 'run')
+  launcher = cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', '--train_steps=100000', '--with_evaluator=false'])
+  cluster.wait_for_log('launcher', r'\[learner\].*learner: train_step \d+',
+                       240)
+  children = _children_of(root, launcher.pid)
+  assert len(children) == 4, children  # server, learner, 2 actors
+  cluster.signal('launcher', signal.SIGKILL)
+  cluster.wait('launcher', 10)
+  deadline = time.monotonic() + 40
+  while time.monotonic() < deadline and processes_naming(root):
+    time.sleep(0.5)
+  assert not processes_naming(root), 'children outlived the launcher'
