@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+from bench import step_check
 from common import process  # Must precede TensorFlow imports.
 
 from absl import flags
@@ -32,7 +33,7 @@ from common import agents
 from common import config as config_lib
 from common import environments
 from learner import dataset as dataset_lib
-from bench.tutorial_loop import tutorial_replay
+from bench.tutorial_replay import tutorial_replay
 from tests.cluster import Cluster, free_port, processes_naming
 from variable_container import VariableContainerClient
 
@@ -326,6 +327,8 @@ def main(_):
     report('weight_push_to_pull_ms_median', round(median_ms, 1))
     report('weight_push_to_pull_ms_max', round(max_ms, 1))
     report('weight_bytes_per_pull', size)
+    for key, value in step_check.measure(env_name, address).items():
+      report(key, value)
     rss.sample({'replay_server': cluster.procs['replay_server'].pid})
   finally:
     cluster.stop_all()

@@ -6,6 +6,7 @@ down unless the user asked for it.
 
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -19,15 +20,36 @@ from common.errors import UserError  # pylint: disable=g-import-not-at-top
 
 
 class StopRequest:
-  """Set by SIGTERM/SIGINT; loops poll it and finish their current step."""
+  """Set by SIGTERM/SIGINT; loops poll it and finish their current step.
+
+  Set from a thread of its own, not from a Python signal handler: those run
+  only when the main thread runs Python, and the main thread may wait inside
+  TensorFlow for a long time (the learner's input pipeline waiting for data,
+  which asks this request whether to go on).
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self.signal_name = None
 
   def install(self):
+    """Call from the main thread."""
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    # CPython's C-level handler writes the signal number here at once,
+    # whichever thread the kernel interrupted.
+    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+      signal.signal(sig, lambda *_: None)
+    self._sockets = (receive, send)
+
+    def watch():
+      while True:
+        for signum in receive.recv(16):
+          if signum in (signal.SIGTERM, signal.SIGINT):
+            self._handle(signum, None)
+
+    threading.Thread(target=watch, daemon=True, name='stop-request').start()
     return self
 
   def _handle(self, signum, _frame):

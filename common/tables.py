@@ -185,19 +185,32 @@ def claim_actor_id(address: str, timeout_s: float = 300.0,
                    '%gs)', address, elapsed, timeout_s)
 
 
-class _QueueTaker(threading.Thread):
-  """Takes one int64 item from a queue table, in the background."""
+def read_int64(client: reverb.Client, table: str,
+               timeout_s: float = 5.0) -> Optional[int]:
+  """One int64 item of `table` (e.g. `train_step`), or None after `timeout_s`.
 
-  def __init__(self, address: str, table: str):
+  Reverb's Python sampler (cheap: well under a millisecond here) in a
+  thread, so that a table emptied by a server restart cannot block us.
+  """
+  taker = _QueueTaker(None, table, client)
+  taker.join(timeout_s)
+  return taker.result[0] if taker.result else None
+
+
+class _QueueTaker(threading.Thread):
+  """Samples one int64 item from a table, in the background."""
+
+  def __init__(self, address: Optional[str], table: str,
+               client: Optional[reverb.Client] = None):
     super().__init__(daemon=True)
-    self._address, self._table = address, table
+    self._address, self._table, self._client = address, table, client
     self.result, self.error = [], None
     self.start()
 
   def run(self):
     try:
-      sample = next(reverb.Client(self._address).sample(self._table,
-                                                        num_samples=1))
+      client = self._client or reverb.Client(self._address)
+      sample = next(client.sample(self._table, num_samples=1))
       self.result.append(int(sample[0].data[0]))
     except Exception as e:  # pylint: disable=broad-except
       self.error = _reason(e)
@@ -360,8 +373,7 @@ def _published_train_step(client: reverb.Client,
   info = client.server_info(timeout=10).get(config_lib.TRAIN_STEP_TABLE)
   if info is None or not info.current_size:
     return None
-  taken = take_int64s(address, config_lib.TRAIN_STEP_TABLE, 1000)
-  return taken[0] if taken else None
+  return read_int64(client, config_lib.TRAIN_STEP_TABLE, 1.0)
 
 
 def _reason(e: Exception) -> str:

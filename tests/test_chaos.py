@@ -210,6 +210,21 @@ def test_server_restarted_without_checkpoint_hands_out_no_index_twice(
   assert new == 2, cluster.tail('actor_c')
 
 
+def test_starved_learner_says_why_and_stops_on_sigterm(cluster, tmp_path):
+  """No actors: the learner logs the table's state while it waits, and a
+  SIGTERM still stops it cleanly (the input pipeline waits inside TF)."""
+  port = free_port()
+  flags = _flags(f'localhost:{port}', 1000)
+  cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
+  cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
+  cluster.wait_for_log(
+      'learner', r'waiting for replay data at train_step 0 for \d+s: '
+      r'uniform_table holds 0 items', 120)
+  cluster.signal('learner', signal.SIGTERM)
+  assert cluster.wait('learner', 30) == 0, cluster.tail('learner')
+  assert 'finished at train_step 0' in cluster.log('learner')
+
+
 def _lags(summary_dir):
   lags = []
   for path in glob.glob(os.path.join(summary_dir, 'events.out.tfevents.*')):

@@ -271,3 +271,16 @@ def test_learner_checkpoint_restores_target_networks_and_optimizer(
   assert sum('Adam' in name for name, _ in want) >= 6
   for (name, value), (_, restored) in zip(want, got):
     np.testing.assert_array_equal(restored, value, err_msg=name)
+
+
+def test_make_bench_entry_point_loads():
+  """`make bench` (python -m bench.run) defines each flag once."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.cluster import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, '-m', 'bench.run', '--helpfull'],
+                       cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=120)
+  # absl's --helpfull exits 1 after printing every flag.
+  assert 'Error' not in out.stderr, out.stderr[-2000:]
+  assert '--baseline_train_steps' in out.stdout + out.stderr

@@ -155,18 +155,21 @@ class VariableContainerClient:
   def latest_train_step(self) -> Optional[int]:
     """The train_step of the latest push, without touching local variables.
 
-    Reads the one-integer `train_step` table (a few hundred bytes); only for
-    a server without it, or weights pushed by a stock TF-Agents client that
+    Reads the one-integer `train_step` table: one status call and one tiny
+    sample, a few KB (`python -m bench.step_check`). Only for a server
+    without that table, or weights pushed by a stock TF-Agents client that
     does not write it, it pulls the weights.
     """
-    info = self._retry('server_info',
-                       lambda: self._client.server_info(timeout=10))
+    try:
+      info = self._client.server_info(timeout=5)
+    except Exception:  # pylint: disable=broad-except
+      info = self._retry('server_info',
+                         lambda: self._client.server_info(timeout=10))
     step_table = info.get(config_lib.TRAIN_STEP_TABLE)
     if step_table is not None and step_table.current_size:
-      taken = self._retry('read train_step', lambda: tables.take_int64s(
-          self._address, config_lib.TRAIN_STEP_TABLE, 5000))
-      if taken:
-        return taken[0]
+      step = tables.read_int64(self._client, config_lib.TRAIN_STEP_TABLE)
+      if step is not None:
+        return step
     if not info[self._table].current_size:
       return None
     values = self._retry('pull', lambda: self._container.pull(self._table))
