@@ -131,3 +131,22 @@ def test_launcher_killed_takes_its_children_down(cluster, tmp_path):
   while time.monotonic() < deadline and processes_naming(root):
     time.sleep(0.5)
   assert not processes_naming(root), 'children outlived the launcher'
+
+
+def test_learner_failure_stops_the_cluster_with_exit_1(cluster, tmp_path):
+  """A dead learner is reported, never restarted; every child stops."""
+  root = str(tmp_path / 'run')
+  launcher = cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', '--train_steps=100000', '--with_evaluator=false'])
+  cluster.wait_for_log('launcher', r'\[learner\].*learner: train_step \d+',
+                       240)
+  learner = [pid for pid, argv in _children_of(root, launcher.pid).items()
+             if 'learner' in argv]
+  assert len(learner) == 1
+  os.kill(learner[0], signal.SIGKILL)
+  assert cluster.wait('launcher', 60) == 1, cluster.tail('launcher', 60)
+  log = cluster.log('launcher')
+  assert 'learner died with exit code -9; stopping the cluster' in log
+  assert log.count('[learner]') and 'restarting it' not in log.split(
+      'learner died with exit code -9')[1]
+  assert not _children_of(root, launcher.pid), 'orphans left behind'
