@@ -121,8 +121,6 @@ def collect(s: ActorSettings,
                                  should_stop)
     who = f'actor {task}'
     logging.info('%s: took index %d from %s', who, task, s.replay_address)
-  # Tells the server, also after it restarts, that this index is taken.
-  lease = tables.ActorLease(s.replay_address, task).start()
   # Each environment keeps run statistics; with several, one batched
   # environment steps them together so the policy runs once per batch.
   stats = [wrappers.RunStats(environments.load_environment(
@@ -160,6 +158,9 @@ def collect(s: ActorSettings,
                    'acting with %s', who, phase, env_steps.result(), rate,
                    sum(e.episodes for e in stats), policy)
 
+  # Tells the server, also after it restarts, that this index is taken
+  # (from here on: a process that fails its checks leaves no trace).
+  lease = tables.ActorLease(s.replay_address, task).start()
   collect_actor = None
   try:
     # The random initial collect fills the table before the first train step;

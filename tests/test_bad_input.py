@@ -19,8 +19,9 @@ def server(tmp_path_factory):
   cluster = Cluster(str(tmp_path_factory.mktemp('server')))
   port = free_port()
   cluster.start('replay_server', 'replay_server',
-                SERVER_FLAGS + [f'--port={port}'])
-  cluster.wait_for_log('replay_server', 'serving tables', 120)
+                SERVER_FLAGS + [f'--port={port}', '--actor_lease_grace_s=0'])
+  # Settled: the actor index queue is filled once, after the lease grace.
+  cluster.wait_for_log('replay_server', r'actor indices: \d+ free', 120)
   yield f'localhost:{port}', port
   cluster.stop_all()
 
