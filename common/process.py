@@ -28,9 +28,13 @@ class StopRequest:
   which asks this request whether to go on).
   """
 
-  def __init__(self):
+  def __init__(self, deadline_s: float = 0.0):
+    """With `deadline_s`, a process still running that long after the first
+    signal exits(1) (stuck inside a call that cannot be interrupted, e.g.
+    sampling from a server that is gone)."""
     self._event = threading.Event()
     self.signal_name = None
+    self._deadline_s = deadline_s
 
   def install(self):
     """Call from the main thread."""
@@ -61,6 +65,17 @@ class StopRequest:
     logging.info('%s received: finishing the current step, then exiting',
                  self.signal_name)
     self._event.set()
+    if self._deadline_s:
+      def give_up():
+        logging.warning('still running %gs after %s (waiting inside a call '
+                        'that cannot be interrupted, e.g. for a replay server '
+                        'that is gone); exiting now', self._deadline_s,
+                        self.signal_name)
+        logging.flush()
+        os._exit(1)  # pylint: disable=protected-access
+      timer = threading.Timer(self._deadline_s, give_up)
+      timer.daemon = True
+      timer.start()
 
   def __call__(self) -> bool:
     return self._event.is_set()

@@ -287,12 +287,6 @@ class ActorIndices:
     renewed = set(take_int64s(self._address, config_lib.ACTOR_LEASE_TABLE,
                               100, limit=size, max_in_flight=64)
                   ) if size else set()
-    if self.queued:
-      late = renewed - self.held
-      for index in sorted(late & self._free):
-        logging.warning('actor index %d was renewed only after the grace '
-                        'period; it may be handed out twice (raise '
-                        '--actor_lease_grace_s)', index)
     self.held |= renewed
     if not self.queued and time.monotonic() >= self._ready_at:
       free = sorted(self._free - self.held)

@@ -10,7 +10,9 @@ def main(_):
   from learner import strategy as strategy_lib
   from learner import train
   # pylint: enable=g-import-not-at-top
-  stop = process.StopRequest().install()
+  # Under docker's 30 s stop grace: a learner stuck sampling from a server
+  # that is gone still exits on its own.
+  stop = process.StopRequest(deadline_s=25).install()
   strategy_lib.split_cpu(cf.LOGICAL_CPU_DEVICES.value)
   strategy = strategy_lib.make_strategy(cf.STRATEGY.value, cf.TPU_ADDRESS.value)
   settings = train.LearnerSettings(

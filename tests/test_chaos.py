@@ -208,6 +208,9 @@ def test_server_restarted_without_checkpoint_hands_out_no_index_twice(
   new = int(cluster.wait_for_log('actor_c', r'took index (\d+) from',
                                  60).group(1))
   assert new == 2, cluster.tail('actor_c')
+  # The learner, waiting for the refill, still stops cleanly.
+  cluster.signal('learner', signal.SIGTERM)
+  assert cluster.wait('learner', 30) == 0, cluster.tail('learner')
 
 
 def test_starved_learner_says_why_and_stops_on_sigterm(cluster, tmp_path):
