@@ -81,7 +81,7 @@ def test_actor_killed_learner_goes_on_and_restarted_actor_rejoins(
   port = free_port()
   # Long enough that a restarted actor (about 10 s to start) finds the
   # learner still training.
-  flags = _flags(f'localhost:{port}', 15000)
+  flags = _flags(f'localhost:{port}', 9000)
   cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
   actor_flags = {task: flags + [f'--task={task}', f'--root_dir={tmp_path}/a']
