@@ -7,56 +7,26 @@
 # Needs root for apt-get and dockerd. Stops the dockerd it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-say() { echo "[docker-test] $*"; }
-fail() { echo "[docker-test] FAIL: $*" >&2; exit 1; }
-
-install_tools() {
-  local missing=()
-  command -v dockerd >/dev/null || missing+=(docker.io)
-  command -v iptables >/dev/null || missing+=(iptables)
-  command -v debootstrap >/dev/null || missing+=(debootstrap)
-  command -v docker-compose >/dev/null || missing+=(docker-compose)
-  if [ "${#missing[@]}" -gt 0 ]; then
-    say "installing ${missing[*]}"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-}
+DOCKER_TEST_NAME=docker-test
+source docker/lib.sh
 
 install_tools
 [ "${1:-}" = "--install" ] && exit 0
 
 project=sactest$$
 flagfile="$(mktemp /tmp/sac-test-flags.XXXXXX)"
-dockerd_pid=""
 export COMPOSE_PROJECT_NAME="$project" SAC_FLAGFILE="$flagfile"
 compose() { docker-compose -f docker-compose.yml "$@"; }
 
 cleanup() {
   compose down -v --timeout 5 >/dev/null 2>&1 || true
   rm -f "$flagfile"
-  if [ -n "$dockerd_pid" ]; then
-    say "stopping dockerd"
-    kill "$dockerd_pid" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 1; done
-  fi
+  stop_dockerd
 }
 trap cleanup EXIT
 
-if ! docker info >/dev/null 2>&1; then
-  say "starting dockerd (log: /tmp/dockerd.log)"
-  dockerd >/tmp/dockerd.log 2>&1 &
-  dockerd_pid=$!
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || {
-    tail -n 20 /tmp/dockerd.log >&2
-    fail "the Docker engine did not come up within 60s (see /tmp/dockerd.log)"; }
-fi
-
-docker/build_base_image.sh python:3.11-slim
-say "building distributed-sac:latest"
-DOCKER_BUILDKIT=0 docker build -q -f docker/Dockerfile -t distributed-sac:latest . >/dev/null
+start_dockerd
+build_image
 
 # The compose file as users run it; only the flagfile differs: small counts.
 cat >"$flagfile" <<'FLAGS'

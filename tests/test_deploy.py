@@ -116,6 +116,15 @@ def test_kubernetes_manifests_are_consistent():
                      for p in server_pod['spec']['containers'][0]['ports']}
   port = service['spec']['ports'][0]
   assert container_ports[port['targetPort']] == port['port'] == 8000
+  # Its tables survive a pod restart: checkpoints on a claimed volume.
+  server = server_pod['spec']['containers'][0]
+  checkpoint = [a for a in server['args'] if a.startswith('--checkpoint_dir=')]
+  assert len(checkpoint) == 1
+  mounts = {m['mountPath']: m['name'] for m in server['volumeMounts']}
+  volume = {v['name']: v for v in server_pod['spec']['volumes']}[
+      mounts['/checkpoints']]
+  assert checkpoint[0].split('=', 1)[1].startswith('/checkpoints/')
+  assert volume['persistentVolumeClaim']['claimName'] == 'replay-checkpoints'
   with open(os.path.join(K8S, 'cluster.flags')) as f:
     flags = f.read()
   assert re.search(r'^--replay_address=replay-server:8000$', flags, re.M)
@@ -134,6 +143,13 @@ def test_swarm_stack_parses_and_scales_actors():
   flags_file = os.path.normpath(os.path.join(
       os.path.dirname(path), stack['configs']['cluster_flags']['file']))
   assert os.path.exists(flags_file)
+  # A restarted replay server restores its tables from a volume, and is
+  # reached by DNS (no IPVS virtual IP).
+  server = services['replay_server']
+  assert '--checkpoint_dir=/data/replay_checkpoints' in server['command']
+  assert server['volumes'] == ['replay_data:/data']
+  assert 'replay_data' in stack['volumes']
+  assert server['deploy']['endpoint_mode'] == 'dnsrr'
   if shutil.which('docker'):
     out = subprocess.run(['docker', 'stack', 'config', '-c', path],
                          capture_output=True, text=True, timeout=60)
