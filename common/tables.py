@@ -116,14 +116,15 @@ def insert_int64(client: reverb.Client, table: str, value: int) -> None:
   client.insert(np.int64(value), priorities={table: 1.0})
 
 
-def fill_actor_ids(address: str, exclude=()) -> int:
-  """Queues the indices 0, 1, ... (but `exclude`) for `--task=auto` actors.
+def fill_actor_ids(address: str) -> int:
+  """Queues the indices 0, 1, ... for `--task=auto` actors (a server without
+  leases, e.g. in tests; `serve` uses `ActorIndices`).
 
   Does nothing if the queue is not empty (restored from a checkpoint).
   Returns the number of indices queued.
   """
-  return _queue_actor_ids(address, [i for i in range(config_lib.MAX_ACTOR_IDS)
-                                    if i not in set(exclude)], only_if_empty=True)
+  return _queue_actor_ids(address, range(config_lib.MAX_ACTOR_IDS),
+                          only_if_empty=True)
 
 
 def _queue_actor_ids(address: str, indices, only_if_empty: bool = False) -> int:
@@ -232,7 +233,6 @@ class ActorLease:
     self._done = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True,
                                     name=f'actor-lease-{index}')
-    self.renewals = 0
 
   def start(self) -> 'ActorLease':
     self._thread.start()
@@ -251,7 +251,6 @@ class ActorLease:
               timeout=2):
             return  # A server without leases (older or not ours).
         insert_int64(client, config_lib.ACTOR_LEASE_TABLE, self._index)
-        self.renewals += 1
       except Exception:  # pylint: disable=broad-except
         client = None  # Reconnect next time (a fresh channel, no backoff).
       if self._done.wait(self._interval_s):
@@ -362,12 +361,18 @@ def _sizes(client: reverb.Client) -> str:
                    if name != config_lib.ACTOR_LEASE_TABLE)
 
 
-def _published_train_step(client: reverb.Client,
-                          address: str) -> Optional[int]:
-  info = client.server_info(timeout=10).get(config_lib.TRAIN_STEP_TABLE)
+def published_train_step(client: reverb.Client, server_info=None,
+                         timeout_s: float = 5.0) -> Optional[int]:
+  """The step in the `train_step` table; None if it has none (or no table).
+
+  `server_info`: the server's answer, if the caller already asked.
+  """
+  if server_info is None:
+    server_info = client.server_info(timeout=10)
+  info = server_info.get(config_lib.TRAIN_STEP_TABLE)
   if info is None or not info.current_size:
     return None
-  return read_int64(client, config_lib.TRAIN_STEP_TABLE, 1.0)
+  return read_int64(client, config_lib.TRAIN_STEP_TABLE, timeout_s)
 
 
 def _reason(e: Exception) -> str:
@@ -405,7 +410,7 @@ def serve(tables: List[reverb.Table], port: int, should_stop,
       # Sizes read first: inserts continue while the checkpoint is written,
       # so it holds at least these items (until the table is full).
       sizes = _sizes(client)
-      step = _published_train_step(client, address)
+      step = published_train_step(client, timeout_s=1.0)
       path = client.checkpoint()
       logging.info('checkpoint (%s) written to %s: %s%s', why, path, sizes,
                    '' if step is None else f'; weights of train_step {step}')

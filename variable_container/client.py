@@ -165,11 +165,9 @@ class VariableContainerClient:
     except Exception:  # pylint: disable=broad-except
       info = self._retry('server_info',
                          lambda: self._client.server_info(timeout=10))
-    step_table = info.get(config_lib.TRAIN_STEP_TABLE)
-    if step_table is not None and step_table.current_size:
-      step = tables.read_int64(self._client, config_lib.TRAIN_STEP_TABLE)
-      if step is not None:
-        return step
+    step = tables.published_train_step(self._client, info)
+    if step is not None:
+      return step
     if not info[self._table].current_size:
       return None
     values = self._retry('pull', lambda: self._container.pull(self._table))
