@@ -112,18 +112,23 @@ def test_card_game_learns_near_optimal_play(cluster, tmp_path):
 def test_pendulum_discretized_learns_with_dqn(cluster, tmp_path):
   """DQN on 5 discrete torques: final return clearly above the untrained one.
 
-  Both measured in the same run over the same 10 evaluation episodes.
+  Both measured in the same run over the same 10 evaluation episodes. One
+  train step per collected transition, 6000 steps: at 3000 steps with 4
+  train steps per transition the final return ranged from 450 to 180 above
+  the untrained one between runs and on a loaded machine (CI failed once);
+  at these settings 4 seeds, 2 runs at a time, ended 820 to 1200 above it.
   """
   root = str(tmp_path)
   cluster.start('launcher', 'launcher', SMALL + [
       '--env=Pendulum-v1', '--agent=dqn', '--discretize_actions=5',
       '--seed=1', '--initial_collect_steps=1000', '--min_size_to_sample=1000',
-      '--train_steps=3000', '--eval_interval=3000', f'--root_dir={root}'])
+      '--samples_per_insert=64', '--train_steps=6000', '--eval_interval=6000',
+      f'--root_dir={root}'])
   assert cluster.wait('launcher', 300) == 0, cluster.tail('launcher', 60)
   rows = _metrics(root)
-  assert [r['train_step'] for r in rows] == [0, 3000], rows
+  assert [r['train_step'] for r in rows] == [0, 6000], rows
   untrained, final = rows[0]['AverageReturn'], rows[-1]['AverageReturn']
-  assert final >= untrained + 300, (untrained, final)
+  assert final >= untrained + 500, (untrained, final)
 
 
 @pytest.mark.slow
