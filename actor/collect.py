@@ -130,7 +130,14 @@ def collect(s: ActorSettings,
   env = stats[0] if n == 1 else batched_py_environment.BatchedPyEnvironment(
       stats, multithreading=False)
   train_step = train_utils.create_train_step()
-  agent = agents.create_agent(env, s.agent, train_step, s.env_name)
+  # Per-actor exploration (e.g. Ape-X's epsilons) lives in the agent's config.
+  collect_config = agents.collect_config(s.agent, task, s.num_actors)
+  for field in dataclasses.fields(collect_config):
+    value = getattr(collect_config, field.name)
+    if value != getattr(s.agent, field.name):
+      logging.info('%s: collects with %s=%.4g (actor %d of %d)', who,
+                   field.name, value, task, s.num_actors)
+  agent = agents.create_agent(env, collect_config, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)
   reverb_connection.check_table_signature(
       info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
@@ -140,11 +147,23 @@ def collect(s: ActorSettings,
   done = _DoneCheck(container, s.max_train_steps, should_stop,
                     s.done_check_interval_s)
   client = reverb.Client(s.replay_address)
-  observer = StoppableTrajectoryObserver(client, done, who=who)
-  if n > 1:
-    observer = UnbatchingObserver(
-        [observer] + [StoppableTrajectoryObserver(client, done, who=who)
-                      for _ in range(n - 1)])
+  item_length = agents.sequence_length(agent)
+  observers = [StoppableTrajectoryObserver(client, done, item_length, who=who)
+               for _ in range(n)]
+  observer = observers[0] if n == 1 else UnbatchingObserver(observers)
+  # A prioritized table: new items enter at the largest priority the learner
+  # has written (read with every pull), so each is sampled soon.
+  prioritized = config_lib.MAX_PRIORITY_TABLE in info
+
+  def update_priority():
+    try:
+      priority = tables.read_max_priority(client)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('%s: cannot read the max priority (%s); keeping the '
+                      'last one', who, type(e).__name__)
+      return
+    if priority is not None:
+      observer.update_priority(priority)
   env_steps = py_metrics.EnvironmentSteps()
   meter = progress.RateMeter()
   weights_step = container.latest_train_step()
@@ -182,10 +201,11 @@ def collect(s: ActorSettings,
 
     collect_actor = tfa_actor.Actor(
         env,
-        py_tf_eager_policy.PyTFEagerPolicy(agent.collect_policy,
-                                           use_tf_function=True)
+        py_tf_eager_policy.PyTFEagerPolicy(
+            agents.collect_policy(agent, collect_config),
+            use_tf_function=True)
         if n == 1 else _BatchedEagerPolicy(
-            agent.collect_policy, use_tf_function=True,
+            agents.collect_policy(agent, collect_config), use_tf_function=True,
             batch_time_steps=False),
         train_step,
         steps_per_run=s.pull_interval_steps,
@@ -208,6 +228,8 @@ def collect(s: ActorSettings,
       # How far behind the newest weights this actor was acting.
       lag = newest - acted_step if acted_step is not None else 0
       acted_step = weights_step = newest
+      if prioritized:
+        update_priority()
       collect_actor.run()
       with collect_actor.summary_writer.as_default():
         tf.summary.scalar('Actor/weight_version_lag', lag, step=newest)

@@ -128,7 +128,8 @@ def evaluate(s: EvalSettings,
                                       s.server_timeout_s, 'evaluator',
                                       should_stop)
   policy = py_tf_eager_policy.PyTFEagerPolicy(
-      greedy_policy.GreedyPolicy(agent.policy), use_tf_function=True)
+      greedy_policy.GreedyPolicy(agents.greedy_policy(agent, s.agent)),
+      use_tf_function=True)
   episode_returns = _EpisodeReturns()
   eval_actor = tfa_actor.Actor(
       env, policy, train_step,

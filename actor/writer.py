@@ -48,13 +48,18 @@ class _InterruptibleEndEpisode:
 
 
 class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
-  """Writes 2-step items (stride 1) to `uniform_table`; interruptible."""
+  """Writes `sequence_length`-step items (stride 1) to `uniform_table`.
+
+  Interruptible while the rate limiter holds it; `update_priority` sets the
+  priority of the items written from then on.
+  """
 
   def __init__(self, py_client: reverb.Client,
-               should_stop: Callable[[], bool], max_in_flight_items: int = 16,
-               wait_slice_ms: int = 500, who: str = 'actor'):
+               should_stop: Callable[[], bool], sequence_length: int = 2,
+               max_in_flight_items: int = 16, wait_slice_ms: int = 500,
+               who: str = 'actor'):
     super().__init__(py_client, config_lib.REPLAY_TABLE,
-                     sequence_length=config_lib.SEQUENCE_LENGTH,
+                     sequence_length=sequence_length,
                      stride_length=config_lib.STRIDE_LENGTH)
     self._writer = _InterruptibleEndEpisode(self._writer, self)
     self._should_stop = should_stop
@@ -102,6 +107,10 @@ class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
     """Drops cached steps so the next item cannot span two episodes."""
     self.reset(write_cached_steps=False)
 
+  def update_priority(self, priority: float) -> None:
+    """The priority of the items written from now on."""
+    self._priority = float(priority)  # Read by the base class per item.
+
 
 class UnbatchingObserver:
   """Feeds item i of a batched trajectory to observer i (one writer each).
@@ -124,3 +133,7 @@ class UnbatchingObserver:
   def discard_partial_episode(self) -> None:
     for observer in self._observers:
       observer.discard_partial_episode()
+
+  def update_priority(self, priority: float) -> None:
+    for observer in self._observers:
+      observer.update_priority(priority)

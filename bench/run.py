@@ -142,7 +142,7 @@ def _fill(address, agent, items):
   steps = [sample_step() for _ in range(64)]
   observer = reverb_utils.ReverbAddTrajectoryObserver(
       reverb.Client(address), config_lib.REPLAY_TABLE,
-      sequence_length=config_lib.SEQUENCE_LENGTH,
+      sequence_length=2,
       stride_length=config_lib.STRIDE_LENGTH)
   start = time.perf_counter()
   for i in range(items + 1):
@@ -179,7 +179,7 @@ def learner_rates(env_name, address, workdir, train_steps=600):
   def live_dataset():  # The learner's own pipeline.
     return dataset_lib.experience_dataset(
         address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
-        SAC.batch_size, config_lib.SEQUENCE_LENGTH)
+        SAC.batch_size, 2)
 
   live = tfa_learner.Learner(os.path.join(workdir, 'live'),
                              agent.train_step_counter, agent, live_dataset,

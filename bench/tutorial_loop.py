@@ -70,7 +70,7 @@ def main(_):
                                            seed=12345 + SEED.value * 100000)
   config = config_lib.SacConfig()  # The tutorial's hyperparameters.
   train_step = train_utils.create_train_step()
-  tf_agent = agents.create_sac_agent(collect_env, config, train_step,
+  tf_agent = agents.create_agent(collect_env, config, train_step,
                                      ENV.value)
 
   reverb_server, dataset, rb_observer = tutorial_replay(

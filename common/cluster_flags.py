@@ -115,6 +115,27 @@ EPSILON_GREEDY = flags.DEFINE_float(
 DQN_TARGET_UPDATE_PERIOD = flags.DEFINE_integer(
     'dqn_target_update_period', _DQN.target_update_period,
     'dqn: train steps between target network copies.', lower_bound=1)
+DQN_DOUBLE = flags.DEFINE_boolean(
+    'dqn_double', _DQN.double,
+    'dqn: Double DQN (the online network picks the next action, the target '
+    'network values it); --nodqn_double: plain DQN.')
+DQN_LOSS = flags.DEFINE_enum(
+    'dqn_loss', _DQN.loss, ['huber', 'squared'], 'dqn: TD error loss.')
+N_STEP = flags.DEFINE_integer(
+    'n_step', _DQN.n_step,
+    'dqn: N-step returns; replay items then hold N+1 steps. (SAC: 1 only; '
+    "TF-Agents' SAC trains on 2-step transitions.)", lower_bound=1)
+EPSILON_SCHEDULE = flags.DEFINE_enum(
+    'epsilon_schedule', _DQN.epsilon_schedule, ['fixed', 'apex'],
+    'dqn: fixed: every actor explores with --epsilon_greedy; apex: actor i '
+    'of --num_actors with --apex_epsilon ** (1 + --apex_alpha * i / (N-1)), '
+    'from exploratory to nearly greedy (Ape-X). The evaluator stays greedy.')
+APEX_EPSILON = flags.DEFINE_float(
+    'apex_epsilon', _DQN.apex_epsilon, 'dqn: epsilon of --epsilon_schedule='
+    'apex.', lower_bound=0, upper_bound=1)
+APEX_ALPHA = flags.DEFINE_float(
+    'apex_alpha', _DQN.apex_alpha, 'dqn: alpha of --epsilon_schedule=apex.',
+    lower_bound=0)
 
 # --- Replay table.
 REPLAY_CAPACITY = flags.DEFINE_integer(
@@ -128,6 +149,21 @@ SAMPLES_PER_INSERT = flags.DEFINE_float(
     'Sampled items per inserted item (SampleToInsertRatio). Default: the '
     'batch size, i.e. one train step per env step, as in the tutorial.',
     lower_bound=0)
+REPLAY = flags.DEFINE_enum(
+    'replay', 'uniform', ['uniform', 'prioritized'],
+    'uniform: the tutorial\'s uniform sampling. prioritized: items sampled '
+    'in proportion to priority ** --priority_exponent; the learner writes '
+    'each sampled item\'s |TD error| back as its priority and corrects with '
+    'importance-sampling weights; new items enter at the largest recent '
+    'priority. The table keeps the name uniform_table.')
+PRIORITY_EXPONENT = flags.DEFINE_float(
+    'priority_exponent', _REPLAY.priority_exponent,
+    '--replay=prioritized: alpha; 0 samples uniformly.', lower_bound=0)
+IMPORTANCE_SAMPLING_EXPONENT = flags.DEFINE_float(
+    'importance_sampling_exponent', 0.4,
+    '--replay=prioritized: beta of the importance-sampling weights at the '
+    'first train step, annealed linearly to 1 at --train_steps.',
+    lower_bound=0, upper_bound=1)
 RATE_LIMITER = flags.DEFINE_enum(
     'rate_limiter', 'ratio', ['ratio', 'min_size'],
     'ratio: SampleToInsertRatio(--samples_per_insert); min_size: MinSize, '
@@ -193,7 +229,16 @@ def agent_config() -> config_lib.AgentConfig:
         epsilon_greedy=EPSILON_GREEDY.value,
         target_update_period=DQN_TARGET_UPDATE_PERIOD.value,
         gamma=GAMMA.value,
-        batch_size=batch_size())
+        batch_size=batch_size(),
+        double=DQN_DOUBLE.value,
+        loss=DQN_LOSS.value,
+        n_step=N_STEP.value,
+        epsilon_schedule=EPSILON_SCHEDULE.value,
+        apex_epsilon=APEX_EPSILON.value,
+        apex_alpha=APEX_ALPHA.value)
+  if N_STEP.value != 1:
+    raise UserError(f'--n_step={N_STEP.value} needs --agent=dqn: TF-Agents\' '
+                    'SAC trains on 2-step transitions only')
   return config_lib.SacConfig(
       actor_fc_layers=_layers(ACTOR_FC_LAYERS),
       critic_joint_fc_layers=_layers(CRITIC_JOINT_FC_LAYERS),
@@ -228,7 +273,9 @@ def replay_config() -> config_lib.ReplayConfig:
       replay_capacity=REPLAY_CAPACITY.value,
       min_size_to_sample=MIN_SIZE_TO_SAMPLE.value,
       samples_per_insert=(samples_per_insert()
-                          if RATE_LIMITER.value == 'ratio' else None))
+                          if RATE_LIMITER.value == 'ratio' else None),
+      prioritized=REPLAY.value == 'prioritized',
+      priority_exponent=PRIORITY_EXPONENT.value)
 
 
 def replay_address() -> str:

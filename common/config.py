@@ -24,9 +24,12 @@ ACTOR_LEASE_INTERVAL_S = 2.0
 # so actors and the evaluator read the weight version without pulling the
 # weights.
 TRAIN_STEP_TABLE = 'train_step'
-# SAC learns from (s, a, r, s') pairs: 2-step items written with stride 1.
-SEQUENCE_LENGTH = 2
+# Items are written with stride 1; their length is the agent's
+# `train_sequence_length` (SAC: 2, (s, a, r, s'); N-step DQN: N+1).
 STRIDE_LENGTH = 1
+# With --replay=prioritized: the largest priority the learner has written,
+# one float64 item, read by actors so new items enter at the max priority.
+MAX_PRIORITY_TABLE = 'max_priority'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,17 @@ class DqnConfig:
   target_update_period: int = 100
   gamma: float = 0.99
   batch_size: int = 64
+  # Double DQN (van Hasselt et al.) and the Huber loss: Ape-X's choices,
+  # steadier than DQN with a squared loss.
+  double: bool = True
+  loss: str = 'huber'  # or 'squared'
+  # N-step returns: replay items of n_step + 1 steps.
+  n_step: int = 1
+  # 'fixed': every actor explores with epsilon_greedy. 'apex': actor i of N
+  # with apex_epsilon ** (1 + apex_alpha * i / (N - 1)) (Ape-X).
+  epsilon_schedule: str = 'fixed'
+  apex_epsilon: float = 0.4
+  apex_alpha: float = 7.0
 
 
 AgentConfig = Union[SacConfig, DqnConfig]
@@ -80,3 +94,7 @@ class ReplayConfig:
   # `min_size_to_sample * samples_per_insert` (TF-Agents' distributed examples
   # use 0.1).
   samples_per_insert_tolerance: float = 0.1
+  # Prioritized replay (Schaul et al.): items sampled with probability
+  # priority ** priority_exponent; the learner writes |TD error| priorities.
+  prioritized: bool = False
+  priority_exponent: float = 0.6

@@ -83,5 +83,5 @@ def check_table_signature(server_info, table: str, expected, address: str,
   if expected_flat != offered_flat:
     raise UserError(
         f'table {table!r} at {address} expects [{_describe(offered)}] but '
-        f'this process offers [{_describe(expected)}]: --env and the network '
-        f'flags must match the server\'s{hint}')
+        f'this process offers [{_describe(expected)}]: --env, --agent, '
+        f'--n_step and the network flags must match the server\'s{hint}')

@@ -40,10 +40,13 @@ def replay_rate_limiter(replay: config_lib.ReplayConfig, batch_size: int):
 
 def replay_table(signature, replay: config_lib.ReplayConfig,
                  batch_size: int) -> reverb.Table:
+  """`uniform_table` (its name kept for stock clients, also when prioritized)."""
+  sampler = (reverb.selectors.Prioritized(replay.priority_exponent)
+             if replay.prioritized else reverb.selectors.Uniform())
   return reverb.Table(
       name=config_lib.REPLAY_TABLE,
       max_size=replay.replay_capacity,
-      sampler=reverb.selectors.Uniform(),
+      sampler=sampler,
       remover=reverb.selectors.Fifo(),
       rate_limiter=replay_rate_limiter(replay, batch_size),
       max_times_sampled=0,
@@ -90,6 +93,29 @@ def train_step_table() -> reverb.Table:
       max_size=1,
       rate_limiter=reverb.rate_limiters.MinSize(1),
       max_times_sampled=0)
+
+
+def max_priority_table() -> reverb.Table:
+  """The largest priority the learner has written: one float64 item."""
+  return reverb.Table(
+      name=config_lib.MAX_PRIORITY_TABLE,
+      sampler=reverb.selectors.Fifo(),
+      remover=reverb.selectors.Fifo(),
+      max_size=1,
+      rate_limiter=reverb.rate_limiters.MinSize(1),
+      max_times_sampled=0)
+
+
+def read_max_priority(client: reverb.Client,
+                      timeout_s: float = 2.0) -> Optional[float]:
+  """The learner's max priority; None before its first update (or no table)."""
+  info = client.server_info(timeout=10).get(config_lib.MAX_PRIORITY_TABLE)
+  if info is None or not info.current_size:
+    return None
+  taker = _QueueTaker(None, config_lib.MAX_PRIORITY_TABLE, client,
+                      convert=float)
+  taker.join(timeout_s)
+  return taker.result[0] if taker.result else None
 
 
 def take_int64s(address: str, table: str, timeout_ms: int,
@@ -199,12 +225,13 @@ def read_int64(client: reverb.Client, table: str,
 
 
 class _QueueTaker(threading.Thread):
-  """Samples one int64 item from a table, in the background."""
+  """Samples one one-number item (int64, or `convert`ed) in the background."""
 
   def __init__(self, address: Optional[str], table: str,
-               client: Optional[reverb.Client] = None):
+               client: Optional[reverb.Client] = None, convert=int):
     super().__init__(daemon=True)
     self._address, self._table, self._client = address, table, client
+    self._convert = convert
     self.result, self.error = [], None
     self.start()
 
@@ -212,7 +239,7 @@ class _QueueTaker(threading.Thread):
     try:
       client = self._client or reverb.Client(self._address)
       sample = next(client.sample(self._table, num_samples=1))
-      self.result.append(int(sample[0].data[0]))
+      self.result.append(self._convert(sample[0].data[0]))
     except Exception as e:  # pylint: disable=broad-except
       self.error = _reason(e)
 
@@ -314,6 +341,8 @@ def build_tables(env_name: str, agent_config: config_lib.AgentConfig,
                                agent_config.batch_size))
     tables.append(actor_id_table())
     tables.append(actor_lease_table())
+    if replay.prioritized:
+      tables.append(max_priority_table())
   if with_variables:
     variables = agents.shared_variables(agent, agent.train_step_counter)
     tables.append(variable_table(agents.variable_signature(variables)))

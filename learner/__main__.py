@@ -30,7 +30,9 @@ def main(_):
       policy_save_interval=cf.POLICY_SAVE_INTERVAL.value,
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,
       log_interval_s=cf.LOG_INTERVAL_S.value,
-      alive_bonus=cf.ALIVE_BONUS.value)
+      alive_bonus=cf.ALIVE_BONUS.value,
+      prioritized=cf.REPLAY.value == 'prioritized',
+      importance_sampling_exponent=cf.IMPORTANCE_SAMPLING_EXPONENT.value)
   train.train(settings, strategy, stop)
 
 

@@ -27,6 +27,7 @@ from common import progress
 from common import reverb_connection
 from common.errors import UserError
 from learner import dataset as dataset_lib
+from learner import priorities as priorities_lib
 from variable_container import VariableContainerClient
 
 
@@ -55,6 +56,11 @@ class LearnerSettings:
   # Added to the reward of every sampled transition after which the episode
   # goes on (discount > 0): a survival bonus in the training objective only.
   alive_bonus: float = 0.0
+  # The table is prioritized: train with importance-sampling weights (their
+  # exponent annealed from this to 1 over training) and write |TD error|
+  # priorities back.
+  prioritized: bool = False
+  importance_sampling_exponent: float = 0.4
 
 
 @dataclasses.dataclass
@@ -112,6 +118,28 @@ class _Heartbeat:
                    '%.0fs: %s', step, still, _table_state(self._address))
 
 
+def _train_with_priorities(agent, s: LearnerSettings):
+  """Replaces `agent.train` by a prioritized train step; returns the updater.
+
+  The step takes `(experience, probability, table_size)`, trains with
+  importance-sampling weights and returns the per-item |TD errors| in
+  `loss_info.extra`, which the updater sends to the table as priorities.
+  """
+  train_fn = agents.train_with_td_errors(agent, s.agent)
+  train_step = agent.train_step_counter
+
+  def prioritized_train(batch):
+    experience, probability, table_size = batch
+    beta = priorities_lib.annealed_exponent(
+        s.importance_sampling_exponent, train_step, s.train_steps)
+    weights = priorities_lib.importance_weights(probability, table_size, beta)
+    loss_info, td_errors = train_fn(experience, weights)
+    return loss_info._replace(extra=(loss_info.extra, td_errors))
+
+  agent.train = prioritized_train
+  return priorities_lib.PriorityUpdater(s.replay_address).start()
+
+
 def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
           should_stop: Callable[[], bool] = lambda: False) -> LearnerResult:
   """Trains until `settings.train_steps` or `should_stop()`; returns a summary."""
@@ -139,16 +167,28 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
       should_stop)
 
   per_replica_batch = s.agent.batch_size // replicas
+  updater = None
+  if s.prioritized:
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+      raise UserError('--replay=prioritized needs the learner on CPU or GPU '
+                      '(its priority updates run on the host); use '
+                      '--replay=uniform with --strategy=tpu')
+    updater = _train_with_priorities(agent, s)
 
   def experience_dataset_fn():
-    return dataset_lib.experience_dataset(
+    dataset = dataset_lib.experience_dataset(
         s.replay_address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
-        per_replica_batch, config_lib.SEQUENCE_LENGTH,
+        per_replica_batch, agents.sequence_length(agent),
         parallel_readers=s.sample_parallel_readers,
         prefetch=s.prefetch_batches,
         rate_limiter_timeout_ms=s.sample_timeout_ms,
         alive_bonus=s.alive_bonus,
         keep_going=lambda: not should_stop())
+    if s.prioritized:
+      # The train step needs each item's sampling probability.
+      dataset = dataset.map(lambda experience, info: (
+          (experience, info.probability, info.table_size), info))
+    return dataset
 
   def new_iterator():
     return iter(strategy.distribute_datasets_from_function(
@@ -168,7 +208,9 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
       ],
       checkpoint_interval=s.checkpoint_interval_steps,
       summary_interval=s.summary_interval,
-      strategy=strategy)
+      strategy=strategy,
+      after_train_strategy_step_fn=(
+          updater.send_from_train_step if updater else None))
   start_step = int(learner.train_step_numpy)
   if start_step:
     logging.info('learner: resumed from checkpoint at train_step %d',
@@ -234,6 +276,10 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
                      meter.eta(step))
   finally:
     heartbeat.stop()
+    if updater is not None:
+      updater.stop()
+      logging.info('learner: %d priority updates written, %d dropped',
+                   updater.updated, updater.dropped)
 
   # Final state: checkpoint (so a restart resumes here) and push (so actors
   # and the evaluator see the last weights and the final train_step).

@@ -247,7 +247,11 @@ def test_learner_ctrl_c_leaves_checkpoint_and_push_then_rollback(
   """
   port = free_port()
   address = f'localhost:{port}'
-  flags = _flags(address, 700)
+  # The actor's last step (and learner B's) is far past the step at which
+  # learner A is stopped: A trains a few hundred steps more per second of
+  # delay before the signal lands (at 700 it once passed it, and the actor
+  # finished before learner B began).
+  flags = _flags(address, 3000)
   cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
   cluster.start('actor', 'actor', flags + ['--task=0', '--num_actors=1',
                                            f'--root_dir={tmp_path}/a'])

@@ -49,7 +49,7 @@ def test_unknown_environment_is_one_line_with_suggestion():
 def test_sac_on_discrete_actions_is_a_clear_error():
   env = environments.load_environment('CartPole-v0')
   with pytest.raises(UserError, match='discrete actions'):
-    agents.create_sac_agent(env, TINY_SAC, env_name='CartPole-v0')
+    agents.create_agent(env, TINY_SAC, env_name='CartPole-v0')
 
 
 def test_default_hyperparameters_are_the_tutorials():
@@ -89,7 +89,7 @@ def test_wait_for_server_times_out_with_one_line():
 def test_wait_for_server_proceeds_once_server_is_up():
   port = free_port()
   env = environments.load_environment('Pendulum-v1')
-  agent = agents.create_sac_agent(env, TINY_SAC)
+  agent = agents.create_agent(env, TINY_SAC)
   built = tables.build_tables('Pendulum-v1', TINY_SAC,
                               config_lib.ReplayConfig(min_size_to_sample=10))
   servers = []
@@ -115,7 +115,7 @@ def test_signature_mismatch_names_table_and_specs():
   server = reverb.Server(built, port=free_port())
   try:
     env = environments.load_environment('MinitaurBulletEnv-v0')
-    other = agents.create_sac_agent(env, TINY_SAC)
+    other = agents.create_agent(env, TINY_SAC)
     info = reverb.Client(f'localhost:{server.port}').server_info()
     with pytest.raises(UserError) as e:
       reverb_connection.check_table_signature(
@@ -123,7 +123,7 @@ def test_signature_mismatch_names_table_and_specs():
           f'localhost:{server.port}')
     message = str(e.value)
     assert "table 'uniform_table'" in message
-    assert 'float32[None, 3]' in message and 'float32[None, 28]' in message
+    assert 'float32[2, 3]' in message and 'float32[2, 28]' in message
   finally:
     server.stop()
 
@@ -135,8 +135,8 @@ def test_variables_round_trip_through_the_container():
   address = f'localhost:{server.port}'
   try:
     env = environments.load_environment('Pendulum-v1')
-    learner_agent = agents.create_sac_agent(env, TINY_SAC)
-    actor_agent = agents.create_sac_agent(env, TINY_SAC)
+    learner_agent = agents.create_agent(env, TINY_SAC)
+    actor_agent = agents.create_agent(env, TINY_SAC)
     pushed = agents.shared_variables(learner_agent,
                                      learner_agent.train_step_counter)
     pulled = agents.shared_variables(actor_agent,
@@ -193,7 +193,7 @@ def test_alive_bonus_reaches_the_learner_not_the_table():
   from tf_agents.replay_buffers import reverb_utils  # pylint: disable=g-import-not-at-top
   from tf_agents.trajectories import trajectory  # pylint: disable=g-import-not-at-top
   env = environments.load_environment('Pendulum-v1')
-  agent = agents.create_sac_agent(env, TINY_SAC)
+  agent = agents.create_agent(env, TINY_SAC)
   table = tables.replay_table(
       agents.replay_signature(agent),
       config_lib.ReplayConfig(replay_capacity=100, min_size_to_sample=1,

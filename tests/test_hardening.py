@@ -54,7 +54,7 @@ def test_claim_actor_id_gives_up_after_the_timeout():
 def test_non_finite_weights_are_never_pushed(pendulum):
   server, address = _variable_server()
   try:
-    agent = agents.create_sac_agent(pendulum, TINY_SAC)
+    agent = agents.create_agent(pendulum, TINY_SAC)
     variables = agents.shared_variables(agent, agent.train_step_counter)
     client = VariableContainerClient(address, variables, timeout_s=10)
     agent.train_step_counter.assign(5)
@@ -65,7 +65,7 @@ def test_non_finite_weights_are_never_pushed(pendulum):
     with pytest.raises(UserError, match='non-finite at train_step 6'):
       client.push(variables)
     # The table still holds the last finite weights.
-    other = agents.create_sac_agent(pendulum, TINY_SAC)
+    other = agents.create_agent(pendulum, TINY_SAC)
     pulled = agents.shared_variables(other, other.train_step_counter)
     assert client.pull_into(pulled) == 5
     assert not client_lib.non_finite(pulled)
@@ -78,7 +78,7 @@ def test_a_bug_fails_at_once_and_an_outage_is_retried(pendulum):
   """Only errors that say the server is away are retried."""
   server, address = _variable_server()
   try:
-    agent = agents.create_sac_agent(pendulum, TINY_SAC)
+    agent = agents.create_agent(pendulum, TINY_SAC)
     variables = agents.shared_variables(agent, agent.train_step_counter)
     client = VariableContainerClient(address, variables, timeout_s=120)
     calls = []
@@ -126,7 +126,7 @@ def test_a_bug_fails_at_once_and_an_outage_is_retried(pendulum):
 def test_train_step_is_read_without_pulling_the_weights(pendulum):
   server, address = _variable_server()
   try:
-    agent = agents.create_sac_agent(pendulum, TINY_SAC)
+    agent = agents.create_agent(pendulum, TINY_SAC)
     variables = agents.shared_variables(agent, agent.train_step_counter)
     client = VariableContainerClient(address, variables, timeout_s=10)
     assert client.latest_train_step() is None
@@ -153,7 +153,7 @@ def test_the_input_pipeline_keeps_every_sampled_item_across_waits(pendulum):
   reach training. (A pipeline rebuilt after each timeout dropped the partial
   batches its readers held: here, most of the data.)
   """
-  agent = agents.create_sac_agent(pendulum, TINY_SAC)
+  agent = agents.create_agent(pendulum, TINY_SAC)
   table = reverb.Table(
       name=config_lib.REPLAY_TABLE, sampler=reverb.selectors.Fifo(),
       remover=reverb.selectors.Fifo(), max_size=1000, max_times_sampled=1,
@@ -240,7 +240,7 @@ def test_learner_checkpoint_restores_target_networks_and_optimizer(
   """
   def build():
     step = train_utils.create_train_step()
-    return agents.create_sac_agent(pendulum, TINY_SAC, step), step
+    return agents.create_agent(pendulum, TINY_SAC, step), step
 
   spec = None
   trained, trained_step = build()

@@ -34,7 +34,7 @@ def _episode(episode: int, length: int):
 
 def test_no_item_spans_two_episodes_when_end_episode_times_out():
   env = environments.load_environment('Pendulum-v1')
-  agent = agents.create_sac_agent(env, TINY_SAC)
+  agent = agents.create_agent(env, TINY_SAC)
   # One sample per insert, tiny slack: every insert waits for the sampler,
   # so the writer's end_episode runs out of time again and again.
   table = reverb.Table(

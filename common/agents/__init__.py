@@ -1,0 +1,121 @@
+"""The agents, behind one small interface the process roles use.
+
+Each agent is a module of its own (`sac`, `dqn`), registered here for its
+config class, with the same five functions:
+
+  create(env, config, train_step, env_name) -> an initialized TF-Agents agent
+  collect_config(config, actor_index, num_actors) -> the config actor i
+      builds its collect policy from (per-actor exploration)
+  train_with_td_errors(agent) -> fn(experience, weights) returning
+      (loss_info, |TD error| per item): one train step, and the priorities
+  greedy_policy(agent), collect_policy(agent)
+
+Everything else the roles need follows from the agent object itself: the
+replay item length (`agent.train_sequence_length`), the item signature, the
+shared variables. The learner, actors and replay server call only this
+module, never an algorithm by name (Acme's builder is the model), so adding
+an agent is adding one module and one `register` call.
+"""
+
+import types
+from typing import Dict, Optional
+
+import tensorflow as tf
+from tf_agents.experimental.distributed import reverb_variable_container
+from tf_agents.specs import tensor_spec
+
+from common.config import AgentConfig
+from common.errors import UserError
+
+_MODULES: Dict[type, types.ModuleType] = {}
+_INTERFACE = ('create', 'collect_config', 'train_with_td_errors',
+              'greedy_policy', 'collect_policy')
+
+
+def register(config_type: type, module) -> None:
+  """Makes `module` the agent for configs of `config_type`."""
+  missing = [name for name in _INTERFACE if not hasattr(module, name)]
+  if missing:
+    raise TypeError(f'agent module {module.__name__} lacks {missing}')
+  _MODULES[config_type] = module
+
+
+def module_for(config: AgentConfig):
+  try:
+    return _MODULES[type(config)]
+  except KeyError:
+    raise UserError(f'no agent registered for {type(config).__name__}; '
+                    'known: ' + ', '.join(t.__name__ for t in _MODULES)
+                    ) from None
+
+
+def create_agent(env, config: AgentConfig,
+                 train_step: Optional[tf.Variable] = None, env_name: str = ''):
+  """The agent `config` names, initialized, for `env`'s specs.
+
+  Call it inside `strategy.scope()` when training under a distribution
+  strategy.
+  """
+  return module_for(config).create(env, config, train_step, env_name)
+
+
+def collect_config(config: AgentConfig, actor_index: int,
+                   num_actors: int) -> AgentConfig:
+  """The config actor `actor_index` of `num_actors` collects with."""
+  return module_for(config).collect_config(config, actor_index, num_actors)
+
+
+def train_with_td_errors(agent, config: AgentConfig):
+  """`fn(experience, weights) -> (loss_info, |TD error| per item)`."""
+  return module_for(config).train_with_td_errors(agent)
+
+
+def greedy_policy(agent, config: AgentConfig):
+  return module_for(config).greedy_policy(agent)
+
+
+def collect_policy(agent, config: AgentConfig):
+  return module_for(config).collect_policy(agent)
+
+
+def sequence_length(agent) -> int:
+  """Steps per replay item: 2 for (s, a, r, s'), N+1 for N-step returns."""
+  return int(agent.train_sequence_length)
+
+
+def shared_variables(agent, train_step: tf.Variable):
+  """The nest pushed to the `variables` table: collect policy weights + step."""
+  return {
+      reverb_variable_container.POLICY_KEY: agent.collect_policy.variables(),
+      reverb_variable_container.TRAIN_STEP_KEY: train_step,
+  }
+
+
+def replay_signature(agent):
+  """Signature of the replay table: collect_data_spec with a time dimension.
+
+  The time dimension is the item length, so a process whose items differ
+  (e.g. another --n_step) is refused by the signature check in one line.
+  """
+  return tensor_spec.add_outer_dim(
+      tensor_spec.from_spec(agent.collect_data_spec), sequence_length(agent))
+
+
+def variable_signature(variables):
+  """Signature of the `variables` table for the nest `variables`."""
+  return tf.nest.map_structure(
+      lambda v: tf.TensorSpec(v.shape, dtype=v.dtype), variables)
+
+
+def has_discrete_actions(env) -> bool:
+  return not all(tf.as_dtype(s.dtype).is_floating
+                 for s in tf.nest.flatten(env.action_spec()))
+
+
+# The agents this project ships. (Imported last: they use the helpers above.)
+from common import config as _config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from common.agents import dqn as _dqn  # pylint: disable=g-import-not-at-top,wrong-import-position
+from common.agents import sac as _sac  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+register(_config.SacConfig, _sac)
+register(_config.DqnConfig, _dqn)
