@@ -135,7 +135,7 @@ def collect(s: ActorSettings,
   for field in dataclasses.fields(collect_config):
     value = getattr(collect_config, field.name)
     if value != getattr(s.agent, field.name):
-      logging.info('%s: collects with %s=%.4g (actor %d of %d)', who,
+      logging.info('%s: collects with %s=%s (actor %d of %d)', who,
                    field.name, value, task, s.num_actors)
   agent = agents.create_agent(env, collect_config, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)

@@ -56,6 +56,16 @@ IMPORT_RUNS = flags.DEFINE_list(
     'import_runs', [],
     'name:root_dir pairs of finished launcher runs to add as series (seed 0 '
     'of <name>); their wall-clock counts from the first evaluation.')
+VARIANTS = flags.DEFINE_multi_string(
+    'variant', [],
+    'name:flags: a series run with --presets\' first preset plus these '
+    'space-separated launcher flags, e.g. --variant="prioritized:'
+    '--replay=prioritized". Given, it replaces the one-series-per-preset '
+    'runs.')
+THRESHOLD = flags.DEFINE_float(
+    'threshold', None,
+    'Also report, per run, the first train step whose greedy return is at or '
+    'above this (steps-to-threshold).')
 EXTRA = flags.DEFINE_list(
     'launcher_flags', [],
     'More flags for every launcher run, e.g. --launcher_flags=--num_actors=2')
@@ -106,7 +116,16 @@ def _stream(proc, label):
   return proc.wait()
 
 
-def run_cluster(preset, seed, run_dir, eval_flags):
+def variants():
+  """{name: launcher flags} of the --variant series."""
+  out = {}
+  for spec in VARIANTS.value:
+    name, _, extra = spec.partition(':')
+    out[name] = extra.split()
+  return out
+
+
+def run_cluster(preset, seed, run_dir, eval_flags, extra=()):
   root = os.path.join(run_dir, 'run')
   if os.path.exists(root):
     shutil.rmtree(root)  # A fresh run: no resumed replay or checkpoints.
@@ -114,7 +133,7 @@ def run_cluster(preset, seed, run_dir, eval_flags):
           f'--seed={seed}', f'--env={ENV.value}',
           f'--train_steps={TRAIN_STEPS.value}', f'--root_dir={root}',
           '--show_child_logs=false', '--progress_interval_s=30'
-         ] + eval_flags + EXTRA.value
+         ] + eval_flags + EXTRA.value + list(extra)
   started = time.time()
   proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,
@@ -168,6 +187,25 @@ def summarize(series):
   return lines
 
 
+def steps_to_threshold(series, threshold):
+  """Lines of text: per series, the first step at/above `threshold` per seed."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  lines = []
+  for name, runs in series.items():
+    firsts = [next((r['train_step'] for r in rows
+                    if r['return_mean'] >= threshold), None) for rows in runs]
+    reached = [f for f in firsts if f is not None]
+    median = (f'median {statistics.median(reached):.0f}'
+              if len(reached) == len(firsts) else
+              f'{len(reached)}/{len(firsts)} seeds reached it')
+    finals = [rows[-1]['return_mean'] for rows in runs]
+    lines.append(f'{name}: steps to {threshold:g}: '
+                 f'{["never" if f is None else f for f in firsts]} ({median}); '
+                 f'final returns {[round(f, 1) for f in finals]} (mean '
+                 f'{sum(finals) / len(finals):.1f})')
+  return lines
+
+
 def plot(series, path, title):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -214,7 +252,11 @@ def main(argv):
     eval_flags = [f'--eval_interval={EVAL_INTERVAL.value}',
                   f'--num_eval_episodes={NUM_EVAL_EPISODES.value}']
     seeds = range(FIRST_SEED.value, FIRST_SEED.value + SEEDS.value)
-    jobs = [(p, s) for p in PRESETS.value for s in seeds]
+    named = variants()
+    if named:
+      jobs = [(v, s) for v in named for s in seeds]
+    else:
+      jobs = [(p, s) for p in PRESETS.value for s in seeds]
     if BASELINE.value:
       jobs += [(BASELINE_NAME, s) for s in seeds]
     for i, (name, seed) in enumerate(jobs):
@@ -227,6 +269,9 @@ def main(argv):
             f'{TRAIN_STEPS.value} train steps -> {run_dir}', flush=True)
       if name == BASELINE_NAME:
         code = run_baseline(seed, run_dir, eval_flags)
+      elif named:
+        code = run_cluster(PRESETS.value[0], seed, run_dir, eval_flags,
+                           named[name])
       else:
         code = run_cluster(name, seed, run_dir, eval_flags)
       codes.append(code)
@@ -249,6 +294,9 @@ def main(argv):
     plot(series, png, f'{ENV.value}: greedy return (this machine)')
     for line in summarize(series):
       print(f'[learning] {line}')
+    if THRESHOLD.value is not None:
+      for line in steps_to_threshold(series, THRESHOLD.value):
+        print(f'[learning] {line}')
     print(f'[learning] figure: {png}')
   return 1 if any(codes) else 0
 

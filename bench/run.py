@@ -352,6 +352,11 @@ def main(_):
             (init_s + loop_s) / total_s, 2),
         'tutorial_loop_over_distributed_training_phase': round(
             loop_s / train_s, 2)})
+  # Prioritized replay's cost to the learner (issue: at most 15 % slower).
+  from bench import prioritized  # pylint: disable=g-import-not-at-top
+  for key, value in prioritized.measure(
+      env_name, os.path.join(workdir, 'prioritized')).items():
+    report(key, value)
   report('peak_rss_mb', rss.peak)
   report('bench_seconds', round(time.perf_counter() - t0, 1))
   os.makedirs(os.path.dirname(OUT.value) or '.', exist_ok=True)

@@ -1,0 +1,87 @@
+"""Learner train steps/s on a uniform vs. a prioritized replay table, one run.
+
+Two replay server processes (`--replay=uniform`, `--replay=prioritized`,
+MinSize limiter so the learner never waits), each filled with the same
+synthetic Minitaur transitions; then the real learner (`learner.train.train`:
+its pipeline, pushes and, when prioritized, the importance weights, TD
+errors and priority updates) trains on each in turn, alternating, and
+reports the median train steps/s of each and their ratio.
+
+  python -m bench.prioritized        # also part of `make bench`
+"""
+
+import statistics
+import sys
+import tempfile
+import time
+
+from common import process  # Must precede TensorFlow imports.
+
+from absl import logging
+import tensorflow as tf
+
+from bench import run as run_lib
+from common import agents
+from common import config as config_lib
+from common import environments
+from learner import train as train_lib
+from tests.cluster import Cluster, free_port
+
+SAC = config_lib.SacConfig()  # Tutorial sizes: batch 256, (256, 256).
+
+
+def _server(cluster, env_name, kind):
+  port = free_port()
+  cluster.start(f'replay_server_{kind}', 'replay_server', [
+      f'--env={env_name}', f'--port={port}', '--rate_limiter=min_size',
+      '--min_size_to_sample=1', '--replay_capacity=100000',
+      f'--replay={kind}', '--validate_env_episodes=0'])
+  cluster.wait_for_log(f'replay_server_{kind}', 'serving tables', 180)
+  return f'localhost:{port}'
+
+
+def measure(env_name: str, workdir: str, train_steps: int = 1000,
+            rounds: int = 2, items: int = 20000, log=print) -> dict:
+  """{'uniform': steps/s, 'prioritized': steps/s, 'ratio': p / u}."""
+  cluster = Cluster(workdir)
+  rates = {'uniform': [], 'prioritized': []}
+  try:
+    env = environments.load_environment(env_name)
+    agent = agents.create_agent(env, SAC, None, env_name)
+    addresses = {}
+    for kind in rates:
+      addresses[kind] = _server(cluster, env_name, kind)
+      run_lib._fill(addresses[kind], agent, items)  # pylint: disable=protected-access
+    for i in range(rounds):
+      for kind in rates:
+        settings = train_lib.LearnerSettings(
+            env_name=env_name, root_dir=f'{workdir}/{kind}_{i}',
+            replay_address=addresses[kind], variable_address=addresses[kind],
+            train_steps=train_steps, agent=SAC, policy_save_interval=10**9,
+            checkpoint_interval_steps=10**9, log_interval_s=30,
+            prioritized=kind == 'prioritized')
+        result = train_lib.train(settings, tf.distribute.get_strategy())
+        rates[kind].append(result.steps_per_second)
+        log(f'round {i + 1}/{rounds} {kind}: '
+            f'{result.steps_per_second:.1f} train steps/s')
+  finally:
+    cluster.stop_all()
+  uniform = statistics.median(rates['uniform'])
+  prioritized = statistics.median(rates['prioritized'])
+  return {'learner_train_steps_per_s_uniform': round(uniform, 1),
+          'learner_train_steps_per_s_prioritized': round(prioritized, 1),
+          'prioritized_over_uniform': round(prioritized / uniform, 3)}
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  start = time.perf_counter()
+  log = lambda text: print(f'[bench {time.perf_counter() - start:4.0f}s] '
+                           f'{text}', file=sys.stderr, flush=True)
+  for key, value in measure(run_lib.BENCH_ENV.value, tempfile.mkdtemp(
+      prefix='sac-bench-prio-'), log=log).items():
+    log(f'{key}: {value}')
+
+
+if __name__ == '__main__':
+  process.run(main, 'bench')
