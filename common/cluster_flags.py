@@ -120,7 +120,8 @@ DQN_DOUBLE = flags.DEFINE_boolean(
     'dqn: Double DQN (the online network picks the next action, the target '
     'network values it); --nodqn_double: plain DQN.')
 DQN_LOSS = flags.DEFINE_enum(
-    'dqn_loss', _DQN.loss, ['huber', 'squared'], 'dqn: TD error loss.')
+    'dqn_loss', _DQN.loss, ['squared', 'huber'],
+    'dqn: TD error loss (huber: delta 1, as Ape-X; squared: the DQN tutorial).')
 N_STEP = flags.DEFINE_integer(
     'n_step', _DQN.n_step,
     'dqn: N-step returns; replay items then hold N+1 steps. (SAC: 1 only; '

@@ -104,12 +104,12 @@ def test_apex_epsilons_span_greedy_to_exploratory():
   assert agents.collect_config(TINY_SAC, 7, 8) == TINY_SAC
 
 
-def test_dqn_defaults_are_double_dqn_with_huber_loss():
+def test_dqn_defaults_are_double_dqn_with_squared_loss():
   env = environments.load_environment('CartPole-v0')
   agent = agents.create_agent(env, TINY_DQN)
   assert isinstance(agent, dqn_agent.DdqnAgent)
   plain = agents.create_agent(env, dataclasses.replace(
-      TINY_DQN, double=False, loss='squared'))
+      TINY_DQN, double=False, loss='huber'))
   assert type(plain) is dqn_agent.DqnAgent  # pylint: disable=unidiomatic-typecheck
 
 
