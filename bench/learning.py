@@ -213,16 +213,27 @@ def plot(series, path, title):
   import numpy as np  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for name, runs in series.items():
-    n = min(len(r) for r in runs)
-    steps = np.array([r['train_step'] for r in runs[0][:n]])
-    returns = np.array([[r['return_mean'] for r in rows[:n]] for rows in runs])
-    walls = np.array([[r['wall_s'] for r in rows[:n]] for rows in runs]) / 60
+    # Seeds are evaluated at different steps (the evaluator skips an
+    # interval it cannot keep up with): put every seed on the union of their
+    # evaluation steps, linearly between its own, so each final counts.
+    last = min(rows[-1]['train_step'] for rows in runs)
+    steps = np.array(sorted({r['train_step'] for rows in runs for r in rows
+                             if r['train_step'] <= last}))
+
+    def at_steps(rows, key):
+      return np.interp(steps, [r['train_step'] for r in rows],
+                       [r[key] for r in rows])
+
+    returns = np.array([at_steps(rows, 'return_mean') for rows in runs])
+    walls = np.array([at_steps(rows, 'wall_s') for rows in runs]) / 60
+    n = len(steps)
     mean = returns.mean(0)
     if len(runs) > 1:
       low, high = returns.min(0), returns.max(0)
-      spread = f'{len(runs)} seeds, min-max shaded'
+      spread = f'{len(runs)} seeds, mean, min-max shaded'
     else:
-      std = np.array([r.get('return_std') or 0.0 for r in runs[0][:n]])
+      std = np.interp(steps, [r['train_step'] for r in runs[0]],
+                      [r.get('return_std') or 0.0 for r in runs[0]])
       low, high = mean - std, mean + std
       spread = '1 seed, +-1 std over episodes shaded'
     label = f'{name} ({spread})'
