@@ -84,26 +84,25 @@ def actor_lease_table() -> reverb.Table:
       max_times_sampled=1)
 
 
-def train_step_table() -> reverb.Table:
-  """The train_step of the latest weight push: one int64, read for pennies."""
+def _latest_value_table(name: str) -> reverb.Table:
+  """A table that holds only the latest of one-number items."""
   return reverb.Table(
-      name=config_lib.TRAIN_STEP_TABLE,
+      name=name,
       sampler=reverb.selectors.Fifo(),
       remover=reverb.selectors.Fifo(),
       max_size=1,
       rate_limiter=reverb.rate_limiters.MinSize(1),
       max_times_sampled=0)
+
+
+def train_step_table() -> reverb.Table:
+  """The train_step of the latest weight push: one int64, read for pennies."""
+  return _latest_value_table(config_lib.TRAIN_STEP_TABLE)
 
 
 def max_priority_table() -> reverb.Table:
   """The largest priority the learner has written: one float64 item."""
-  return reverb.Table(
-      name=config_lib.MAX_PRIORITY_TABLE,
-      sampler=reverb.selectors.Fifo(),
-      remover=reverb.selectors.Fifo(),
-      max_size=1,
-      rate_limiter=reverb.rate_limiters.MinSize(1),
-      max_times_sampled=0)
+  return _latest_value_table(config_lib.MAX_PRIORITY_TABLE)
 
 
 def read_max_priority(client: reverb.Client,
