@@ -53,7 +53,12 @@ FLAGS
 chmod 644 "$flagfile"
 
 say "docker-compose up --scale actor=2"
-compose up -d --scale actor=2 >/dev/null
+if ! compose up -d --scale actor=2 >/dev/null; then
+  server="$(compose ps -q replay_server)"
+  [ -n "$server" ] && docker inspect --format '{{json .State.Health}}' "$server" | tail -c 1500 >&2
+  compose logs --no-color --tail 40 replay_server >&2 || true
+  fail "docker-compose up failed"
+fi
 learner="$(compose ps -q learner)"
 [ -n "$learner" ] || fail "no learner container"
 code="$(timeout 600 docker wait "$learner")" || fail "learner still running after 600s"

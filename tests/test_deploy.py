@@ -169,3 +169,19 @@ def test_every_cluster_flag_in_the_flagfiles_exists():
         if line and not line.startswith('#'):
           name = line[2:].split('=')[0]
           assert name in known, f'{path}: unknown flag --{name}'
+
+
+def test_every_package_is_installed_by_pyproject():
+  """The Docker image installs with `pip install .`: a subpackage missing
+  from pyproject.toml imports in a checkout but not in the image."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, 'pyproject.toml'), 'rb') as f:
+    listed = set(tomllib.load(f)['tool']['setuptools']['packages'])
+  found = set()
+  for top in listed:
+    for path, dirs, files in os.walk(os.path.join(root, top)):
+      dirs[:] = [d for d in dirs if d != '__pycache__']
+      if '__init__.py' in files:
+        found.add(os.path.relpath(path, root).replace(os.sep, '.'))
+  assert found <= listed, sorted(found - listed)
