@@ -199,14 +199,13 @@ def collect(s: ActorSettings,
         log_progress('random')
       observer.discard_partial_episode()
 
+    collect_policy = agents.collect_policy(agent, collect_config)
     collect_actor = tfa_actor.Actor(
         env,
-        py_tf_eager_policy.PyTFEagerPolicy(
-            agents.collect_policy(agent, collect_config),
-            use_tf_function=True)
+        py_tf_eager_policy.PyTFEagerPolicy(collect_policy,
+                                           use_tf_function=True)
         if n == 1 else _BatchedEagerPolicy(
-            agents.collect_policy(agent, collect_config), use_tf_function=True,
-            batch_time_steps=False),
+            collect_policy, use_tf_function=True, batch_time_steps=False),
         train_step,
         steps_per_run=s.pull_interval_steps,
         metrics=collect_metrics(n),

@@ -108,13 +108,8 @@ def max_priority_table() -> reverb.Table:
 def read_max_priority(client: reverb.Client,
                       timeout_s: float = 2.0) -> Optional[float]:
   """The learner's max priority; None before its first update (or no table)."""
-  info = client.server_info(timeout=10).get(config_lib.MAX_PRIORITY_TABLE)
-  if info is None or not info.current_size:
-    return None
-  taker = _QueueTaker(None, config_lib.MAX_PRIORITY_TABLE, client,
-                      convert=float)
-  taker.join(timeout_s)
-  return taker.result[0] if taker.result else None
+  return published_value(client, config_lib.MAX_PRIORITY_TABLE,
+                         timeout_s=timeout_s, convert=float)
 
 
 def take_int64s(address: str, table: str, timeout_ms: int,
@@ -211,14 +206,15 @@ def claim_actor_id(address: str, timeout_s: float = 300.0,
                    '%gs)', address, elapsed, timeout_s)
 
 
-def read_int64(client: reverb.Client, table: str,
-               timeout_s: float = 5.0) -> Optional[int]:
-  """One int64 item of `table` (e.g. `train_step`), or None after `timeout_s`.
+def read_int64(client: reverb.Client, table: str, timeout_s: float = 5.0,
+               convert=int):
+  """One one-number item of `table` (e.g. `train_step`), `convert`ed, or
+  None after `timeout_s`.
 
   Reverb's Python sampler (cheap: well under a millisecond here) in a
   thread, so that a table emptied by a server restart cannot block us.
   """
-  taker = _QueueTaker(None, table, client)
+  taker = _QueueTaker(None, table, client, convert)
   taker.join(timeout_s)
   return taker.result[0] if taker.result else None
 
@@ -389,18 +385,25 @@ def _sizes(client: reverb.Client) -> str:
                    if name != config_lib.ACTOR_LEASE_TABLE)
 
 
-def published_train_step(client: reverb.Client, server_info=None,
-                         timeout_s: float = 5.0) -> Optional[int]:
-  """The step in the `train_step` table; None if it has none (or no table).
+def published_value(client: reverb.Client, table: str, server_info=None,
+                    timeout_s: float = 5.0, convert=int):
+  """The value in a one-item table; None if it has none (or no such table).
 
   `server_info`: the server's answer, if the caller already asked.
   """
   if server_info is None:
     server_info = client.server_info(timeout=10)
-  info = server_info.get(config_lib.TRAIN_STEP_TABLE)
+  info = server_info.get(table)
   if info is None or not info.current_size:
     return None
-  return read_int64(client, config_lib.TRAIN_STEP_TABLE, timeout_s)
+  return read_int64(client, table, timeout_s, convert)
+
+
+def published_train_step(client: reverb.Client, server_info=None,
+                         timeout_s: float = 5.0) -> Optional[int]:
+  """The step in the `train_step` table; None if it has none (or no table)."""
+  return published_value(client, config_lib.TRAIN_STEP_TABLE, server_info,
+                         timeout_s)
 
 
 def _reason(e: Exception) -> str:
