@@ -37,11 +37,13 @@ def main(_):
       initial_collect_steps=cf.INITIAL_COLLECT_STEPS.value,
       pull_interval_steps=cf.PULL_INTERVAL_STEPS.value,
       envs_per_actor=cf.ENVS_PER_ACTOR.value,
+      env_processes=cf.ENV_PROCESSES.value,
       agent=cf.agent_config(),
       env_options=cf.env_options(),
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,
       log_interval_s=cf.LOG_INTERVAL_S.value,
-      seed=cf.SEED.value), stop)
+      seed=cf.SEED.value,
+      replay_shards=cf.replay_addresses()), stop)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ variables table) reaches `max_train_steps`, or on SIGTERM.
 import dataclasses
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from absl import logging
 import reverb
@@ -39,7 +39,7 @@ from variable_container import VariableContainerClient
 class ActorSettings:
   env_name: str
   root_dir: str
-  replay_address: str
+  replay_address: str  # The first shard: actor indices, max priority.
   variable_address: str
   max_train_steps: int
   task: Optional[int] = 0  # None: take the next free index from the server.
@@ -47,6 +47,7 @@ class ActorSettings:
   initial_collect_steps: int = 10000
   pull_interval_steps: int = 100
   envs_per_actor: int = 1
+  env_processes: int = 1  # > 1: each environment in its own subprocess.
   agent: config_lib.AgentConfig = config_lib.SacConfig()
   env_options: environments.EnvOptions = environments.EnvOptions()
   server_timeout_s: float = 300.0
@@ -54,6 +55,9 @@ class ActorSettings:
   # While blocked by the rate limiter, how often to ask whether training ended.
   done_check_interval_s: float = 5.0
   seed: int = 0  # Run seed; environment seeds derive from it.
+  # Every replay shard (empty: replay_address alone); actor i writes to
+  # shard i mod S.
+  replay_shards: Tuple[str, ...] = ()
 
 
 class _BatchedEagerPolicy(py_tf_eager_policy.PyTFEagerPolicy):
@@ -121,6 +125,13 @@ def collect(s: ActorSettings,
                                  should_stop)
     who = f'actor {task}'
     logging.info('%s: took index %d from %s', who, task, s.replay_address)
+  shards = s.replay_shards or (s.replay_address,)
+  write_address = shards[task % len(shards)]
+  if write_address != s.replay_address:
+    logging.info('%s: writes to replay shard %d of %d at %s', who,
+                 task % len(shards), len(shards), write_address)
+    info = reverb_connection.wait_for_server(
+        write_address, s.server_timeout_s, who, should_stop)
   # Each environment keeps run statistics; with several, one batched
   # environment steps them together so the policy runs once per batch.
   stats = [wrappers.RunStats(environments.load_environment(
@@ -141,12 +152,15 @@ def collect(s: ActorSettings,
   variables = agents.shared_variables(agent, train_step)
   reverb_connection.check_table_signature(
       info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
-      s.replay_address)
+      write_address)
   container = VariableContainerClient(s.variable_address, variables,
                                       s.server_timeout_s, who, should_stop)
   done = _DoneCheck(container, s.max_train_steps, should_stop,
                     s.done_check_interval_s)
-  client = reverb.Client(s.replay_address)
+  client = reverb.Client(write_address)
+  # The learner publishes the max priority on the first shard.
+  first_client = (client if write_address == s.replay_address else
+                  reverb.Client(s.replay_address))
   item_length = agents.sequence_length(agent)
   observers = [StoppableTrajectoryObserver(client, done, item_length, who=who)
                for _ in range(n)]
@@ -157,7 +171,7 @@ def collect(s: ActorSettings,
 
   def update_priority():
     try:
-      priority = tables.read_max_priority(client)
+      priority = tables.read_max_priority(first_client)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('%s: cannot read the max priority (%s); keeping the '
                       'last one', who, type(e).__name__)

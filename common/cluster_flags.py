@@ -59,7 +59,11 @@ PORT = flags.DEFINE_integer(
     'port', 8000, 'replay_server / variable_container: port to serve on.',
     lower_bound=1, upper_bound=65535)
 REPLAY_ADDRESS = flags.DEFINE_string(
-    'replay_address', 'localhost:8000', 'host:port of the replay server.')
+    'replay_address', 'localhost:8000',
+    'host:port of the replay server, or a comma-separated list of shards '
+    '(each a replay_server): actor i writes to shard i mod S, the learner '
+    'samples from all of them; the first also serves the variables (unless '
+    '--variable_address), the actor indices and the max priority.')
 VARIABLE_ADDRESS = flags.DEFINE_string(
     'variable_address', '',
     'host:port of the variable container; empty: the replay server.')
@@ -279,10 +283,16 @@ def replay_config() -> config_lib.ReplayConfig:
       priority_exponent=PRIORITY_EXPONENT.value)
 
 
-def replay_address() -> str:
+def replay_addresses() -> tuple:
+  """The replay shards, in --replay_address order (one for an unsharded run)."""
   from common import reverb_connection  # pylint: disable=g-import-not-at-top
-  return reverb_connection.parse_address(REPLAY_ADDRESS.value,
-                                         'replay_address')
+  return reverb_connection.parse_addresses(REPLAY_ADDRESS.value,
+                                           'replay_address')
+
+
+def replay_address() -> str:
+  """The first replay shard: actor indices, max priority, default variables."""
+  return replay_addresses()[0]
 
 
 def variable_address() -> str:
@@ -346,7 +356,13 @@ TASK = flags.DEFINE_string(
 ENVS_PER_ACTOR = flags.DEFINE_integer(
     'envs_per_actor', 1,
     'actor: environments one actor steps together (one batched policy call '
-    'per step of all of them).', lower_bound=1)
+    'per step of all of them); with --env_processes=K, in each of the K '
+    'subprocesses.', lower_bound=1)
+ENV_PROCESSES = flags.DEFINE_integer(
+    'env_processes', 1,
+    'actor: environments stepped in this many subprocesses, one each, behind '
+    'one batched policy call (1: in the actor process). Lets one actor fill '
+    'several cores.', lower_bound=1)
 PULL_INTERVAL_STEPS = flags.DEFINE_integer(
     'pull_interval_steps', 100,
     'actor: env steps between pulls of the policy weights.', lower_bound=1)

@@ -24,6 +24,19 @@ def parse_address(address: str, flag_name: str = 'address') -> str:
   return address
 
 
+def parse_addresses(addresses: str, flag_name: str = 'address') -> tuple:
+  """Validates a comma-separated list of distinct `host:port`s."""
+  parts = tuple(a.strip() for a in (addresses or '').split(','))
+  for part in parts:
+    if not part:
+      raise UserError(f'--{flag_name}={addresses!r} has an empty entry; '
+                      'expected host:port[,host:port...]')
+    parse_address(part, flag_name)
+  if len(set(parts)) != len(parts):
+    raise UserError(f'--{flag_name}={addresses!r} names a server twice')
+  return parts
+
+
 def wait_for_server(address: str, timeout_s: float, who: str = 'client',
                     should_stop: Optional[Callable[[], bool]] = None):
   """Blocks until the Reverb server at `address` answers; returns its info.
