@@ -7,13 +7,14 @@ project's 2-core machine it serves about 3.7 times the batches/s of
 measured by `bench/run.py` (see BENCHMARKS.md).
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import reverb
 import tensorflow as tf
 
 
-def experience_dataset(address: str, table: str, data_spec, batch_size: int,
+def experience_dataset(address: Union[str, Sequence[str]], table: str,
+                       data_spec, batch_size: int,
                        sequence_length: int, parallel_readers: int = 2,
                        prefetch: int = 8,
                        rate_limiter_timeout_ms: int = -1,
@@ -23,7 +24,11 @@ def experience_dataset(address: str, table: str, data_spec, batch_size: int,
   """Yields `(experience, sample_info)` batches as TF-Agents' Learner expects.
 
   Each element holds `batch_size` items of `data_spec` with their time
-  dimension. With `rate_limiter_timeout_ms >= 0` and no `keep_going`, the
+  dimension. `address` is one server or a sequence of replay shards: each
+  shard gets `parallel_readers` readers of its own, and their batches are
+  interleaved as they come (a slow or starved shard does not hold up the
+  others), so the learner trains on every shard's items.
+  With `rate_limiter_timeout_ms >= 0` and no `keep_going`, the
   dataset ends when no item could be sampled for that long. With
   `keep_going`, a reader that waited that long asks `keep_going()` and, if
   True, samples on: the pipeline, its prefetched batches and its partial
@@ -34,9 +39,16 @@ def experience_dataset(address: str, table: str, data_spec, batch_size: int,
   that end it; the table keeps the environment's own rewards.
   """
 
-  def stream(_):
-    return reverb.TrajectoryDataset.from_table_signature(
-        address, table,
+  addresses = [address] if isinstance(address, str) else list(address)
+  # Every shard serves the same signature (each one's is checked by the
+  # learner before it builds this); the first one's gives the shapes.
+  signature = reverb.Client(addresses[0]).server_info()[table].signature
+  shapes = tf.nest.map_structure(lambda x: x.shape, signature)
+  dtypes = tf.nest.map_structure(lambda x: x.dtype, signature)
+
+  def stream(server):
+    return reverb.TrajectoryDataset(
+        server_address=server, table=table, shapes=shapes, dtypes=dtypes,
         max_in_flight_samples_per_worker=2 * batch_size,
         rate_limiter_timeout_ms=rate_limiter_timeout_ms)
 
@@ -44,13 +56,13 @@ def experience_dataset(address: str, table: str, data_spec, batch_size: int,
     flag = tf.py_function(lambda: bool(keep_going()), [], tf.bool)
     return tf.reshape(flag, [])
 
-  def reader(_):
+  def reader(server):
     if keep_going is None:
-      items = stream(0)
+      items = stream(server)
     else:
       # One stream after another, while keep_going(): a stream ends only
       # when it waited rate_limiter_timeout_ms for nothing.
-      items = tf.data.Dataset.from_tensors(0).repeat().take_while(
+      items = tf.data.Dataset.from_tensors(server).repeat().take_while(
           go_on).flat_map(stream)
     return items.batch(batch_size, drop_remainder=True)
 
@@ -68,7 +80,8 @@ def experience_dataset(address: str, table: str, data_spec, batch_size: int,
           reward=experience.reward + alive_bonus * alive)
     return experience, sample.info
 
-  dataset = tf.data.Dataset.range(parallel_readers).interleave(
-      reader, cycle_length=parallel_readers,
-      num_parallel_calls=parallel_readers, deterministic=False)
+  servers = [a for a in addresses for _ in range(parallel_readers)]
+  dataset = tf.data.Dataset.from_tensor_slices(servers).interleave(
+      reader, cycle_length=len(servers),
+      num_parallel_calls=len(servers), deterministic=False)
   return dataset.map(repack).prefetch(prefetch)
