@@ -22,7 +22,7 @@ def main(_):
         video_episodes=cf.VIDEO_EPISODES.value,
         video_interval=cf.VIDEO_INTERVAL.value,
         video_size=cf.video_size(),
-        replay_address=cf.replay_address(),
+        replay_shards=cf.replay_addresses(),
         seed=cf.SEED.value), stop)
     return
   from actor import collect  # pylint: disable=g-import-not-at-top

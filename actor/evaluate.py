@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, List
+from typing import Callable, List, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -50,9 +50,9 @@ class EvalSettings:
   video_episodes: int = 1
   video_interval: int = 0  # 0: a video at the end of training only.
   video_size: tuple = (480, 360)
-  # Where to read the transitions collected so far (the replay table's insert
-  # count); empty: not recorded.
-  replay_address: str = ''
+  # Where to read the transitions collected so far (the replay tables' insert
+  # counts, summed over the shards); empty: not recorded.
+  replay_shards: Tuple[str, ...] = ()
   seed: int = 0  # Run seed; the evaluation environment's seed derives from it.
 
 
@@ -85,14 +85,15 @@ class _EpisodeReturns:
       self.returns.append(self._current)
 
 
-def _transitions_inserted(replay_address: str):
-  """Transitions inserted into the replay table so far (one per agent step)."""
-  if not replay_address:
+def _transitions_inserted(replay_shards: Sequence[str]):
+  """Transitions inserted into the replay tables so far (one per agent step)."""
+  if not replay_shards:
     return None
   try:
-    info = reverb.Client(replay_address).server_info(timeout=5)
-    return int(info[config_lib.REPLAY_TABLE].rate_limiter_info.insert_stats
-               .completed)
+    return sum(
+        int(reverb.Client(address).server_info(timeout=5)[
+            config_lib.REPLAY_TABLE].rate_limiter_info.insert_stats.completed)
+        for address in replay_shards)
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -154,7 +155,7 @@ def evaluate(s: EvalSettings,
       time.sleep(s.poll_interval_s)
       continue
     step = container.pull_into(variables)
-    agent_steps = _transitions_inserted(s.replay_address)
+    agent_steps = _transitions_inserted(s.replay_shards)
     episode_returns.returns.clear()
     started = time.monotonic()
     try:

@@ -396,6 +396,10 @@ SHOW_CHILD_LOGS = flags.DEFINE_boolean(
 PROGRESS_INTERVAL_S = flags.DEFINE_float(
     'progress_interval_s', 10.0, 'launcher: seconds between progress lines.',
     lower_bound=0.1)
+REPLAY_SHARDS = flags.DEFINE_integer(
+    'replay_shards', 1,
+    'launcher: replay servers to start (shards); actor i writes to shard '
+    'i mod S and the learner samples from all of them.', lower_bound=1)
 
 # --- evaluator (actor --mode=eval).
 VIDEO_EPISODES = flags.DEFINE_integer(

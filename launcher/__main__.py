@@ -17,20 +17,25 @@ from common import presets
 from launcher import supervisor
 
 
-def children(argv_flags, port: int, root_dir: str):
-  address = f'localhost:{port}'
-  common_args = list(argv_flags) + [f'--replay_address={address}',
+def children(argv_flags, ports, root_dir: str):
+  """The cluster's processes; one replay server (shard) per port."""
+  addresses = ','.join(f'localhost:{port}' for port in ports)
+  common_args = list(argv_flags) + [f'--replay_address={addresses}',
                                     '--variable_address=']
-  server_args = [f'--port={port}']
-  if not cf.CHECKPOINT_DIR.value:
-    # Replay persists under the run's root_dir, so a re-run resumes it.
-    server_args.append(
-        f'--checkpoint_dir={os.path.join(root_dir, "replay_checkpoints")}')
-  kids = [
-      supervisor.Child('replay_server', 'replay_server',
-                       common_args + server_args),
-      supervisor.Child('learner', 'learner', common_args),
-  ]
+  kids = []
+  for shard, port in enumerate(ports):
+    server_args = [f'--port={port}']
+    if not cf.CHECKPOINT_DIR.value:
+      # Replay persists under the run's root_dir, so a re-run resumes it.
+      server_args.append('--checkpoint_dir=' + os.path.join(
+          root_dir, 'replay_checkpoints' + (f'_{shard}' if shard else '')))
+    elif shard:
+      server_args.append('--checkpoint_dir=' + os.path.join(
+          cf.CHECKPOINT_DIR.value, f'shard_{shard}'))
+    name = 'replay_server' + (f'_{shard}' if shard else '')
+    kids.append(supervisor.Child(name, 'replay_server',
+                                 common_args + server_args))
+  kids.append(supervisor.Child('learner', 'learner', common_args))
   for task in range(cf.NUM_ACTORS.value):
     kids.append(supervisor.Child(
         f'actor_{task}', 'actor',
@@ -47,6 +52,8 @@ def main(_):
   cf.agent_config()
   port = (cf.PORT.value if flags.FLAGS['port'].present
           else portpicker.pick_unused_port())
+  ports = [port] + [portpicker.pick_unused_port()
+                    for _ in range(cf.REPLAY_SHARDS.value - 1)]
   root_dir = os.path.abspath(cf.ROOT_DIR.value)
   os.makedirs(root_dir, exist_ok=True)
   argv_flags = [a for a in sys.argv[1:] if not a.startswith('--root_dir')]
@@ -56,7 +63,7 @@ def main(_):
         + (f' ({os.path.join(presets.PRESET_DIR, preset + ".cfg")}; flags '
            'you give win)' if preset else ' (flag defaults)'), flush=True)
   sup = supervisor.Supervisor(
-      children(argv_flags, port, root_dir), os.path.join(root_dir, 'logs'),
+      children(argv_flags, ports, root_dir), os.path.join(root_dir, 'logs'),
       train_steps=cf.TRAIN_STEPS.value,
       show_child_logs=cf.SHOW_CHILD_LOGS.value,
       progress_interval_s=cf.PROGRESS_INTERVAL_S.value)

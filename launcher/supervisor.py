@@ -165,7 +165,7 @@ class Supervisor:
     rank = {'learner': 0, 'replay_server': 2}
     for group in (0, 1, 2):
       members = [c for c in self.children
-                 if rank.get(c.role, 1) == group and c.proc is not None]
+                 if rank.get(c.module, 1) == group and c.proc is not None]
       for c in members:
         if c.proc.poll() is None:
           c.proc.send_signal(signal.SIGTERM)
@@ -209,8 +209,8 @@ class Supervisor:
                        'stopping the cluster (see its log above)')
               exit_code = 1
               self.request_stop('learner failed')
-          elif c.role == 'replay_server':
-            self.say(f'[launcher] replay_server exited with code {code}; '
+          elif c.module == 'replay_server':
+            self.say(f'[launcher] {c.role} exited with code {code}; '
                      'stopping the cluster')
             exit_code = 1
             self.request_stop('replay server exited')
@@ -229,7 +229,7 @@ class Supervisor:
             if c.role == 'evaluator':
               exit_code = exit_code or 1
         others = [c for c in self.children
-                  if c.role not in ('learner', 'replay_server')]
+                  if c.module not in ('learner', 'replay_server')]
         if learner_done is not None and all(c.done for c in others):
           self.request_stop('training finished')
         elif learner_done and time.monotonic() - learner_done > 300:

@@ -32,7 +32,8 @@ def main(_):
       log_interval_s=cf.LOG_INTERVAL_S.value,
       alive_bonus=cf.ALIVE_BONUS.value,
       prioritized=cf.REPLAY.value == 'prioritized',
-      importance_sampling_exponent=cf.IMPORTANCE_SAMPLING_EXPONENT.value)
+      importance_sampling_exponent=cf.IMPORTANCE_SAMPLING_EXPONENT.value,
+      replay_shards=cf.replay_addresses())
   train.train(settings, strategy, stop)
 
 

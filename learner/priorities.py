@@ -11,6 +11,7 @@ import collections
 import queue
 import threading
 import time
+from typing import Sequence, Union
 
 from absl import logging
 import numpy as np
@@ -47,11 +48,16 @@ class PriorityUpdater:
   priority new items enter with. Priorities are advice: if the queue is full
   or the server is away, updates are dropped (counted, logged), never waited
   for.
+
+  With replay shards, each round goes to every shard: a sampled key lives on
+  exactly one of them (keys are random 64-bit ids) and Reverb skips keys a
+  table does not hold, so no shard bookkeeping rides through the train step.
+  The max priority is published on the first shard.
   """
 
-  def __init__(self, address: str, max_pending: int = 256,
-               window: int = 100):
-    self._address = address
+  def __init__(self, address: Union[str, Sequence[str]],
+               max_pending: int = 256, window: int = 100):
+    self._addresses = [address] if isinstance(address, str) else list(address)
     self._queue = queue.Queue(maxsize=max_pending)
     self._recent_max = collections.deque(maxlen=window)
     self._published = None
@@ -86,7 +92,7 @@ class PriorityUpdater:
                       stateful=True)
 
   def _run(self) -> None:
-    client = None
+    clients = None
     failures = 0
     while not self._done.is_set() or not self._queue.empty():
       try:
@@ -104,20 +110,22 @@ class PriorityUpdater:
       # An item sampled twice keeps its latest priority.
       updates = dict(zip(keys.tolist(), priorities.tolist()))
       try:
-        client = client or reverb.Client(self._address)
-        client.mutate_priorities(config_lib.REPLAY_TABLE, updates=updates)
+        clients = clients or [reverb.Client(a) for a in self._addresses]
+        for client in clients:
+          client.mutate_priorities(config_lib.REPLAY_TABLE, updates=updates)
         self.updated += len(updates)
         self._recent_max.append(float(priorities.max()))
-        self._publish_max(client)
+        self._publish_max(clients[0])
         failures = 0
       except Exception as e:  # pylint: disable=broad-except
-        client = None
+        clients = None
         self.dropped += len(updates)
         failures += 1
         if failures in (1, 10) or failures % 100 == 0:
           logging.warning('learner: cannot update priorities at %s (%s); '
                           '%d dropped so far, training goes on',
-                          self._address, type(e).__name__, self.dropped)
+                          ', '.join(self._addresses), type(e).__name__,
+                          self.dropped)
 
   def _publish_max(self, client: reverb.Client) -> None:
     now = time.monotonic()

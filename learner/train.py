@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence, Tuple
 
 from absl import logging
 import reverb
@@ -35,7 +35,7 @@ from variable_container import VariableContainerClient
 class LearnerSettings:
   env_name: str
   root_dir: str
-  replay_address: str
+  replay_address: str  # The first shard: max priority.
   variable_address: str
   train_steps: int
   agent: config_lib.AgentConfig = config_lib.SacConfig()
@@ -61,6 +61,13 @@ class LearnerSettings:
   # priorities back.
   prioritized: bool = False
   importance_sampling_exponent: float = 0.4
+  # Every replay shard (empty: replay_address alone); each batch comes from
+  # one of them, all are sampled.
+  replay_shards: Tuple[str, ...] = ()
+
+  @property
+  def shards(self) -> Tuple[str, ...]:
+    return self.replay_shards or (self.replay_address,)
 
 
 @dataclasses.dataclass
@@ -71,14 +78,27 @@ class LearnerResult:
   steps_per_second: float
 
 
-def _table_state(address: str) -> str:
-  try:
-    info = reverb.Client(address).server_info(timeout=5)
-    table = info[config_lib.REPLAY_TABLE]
-    return (f'{config_lib.REPLAY_TABLE} holds {table.current_size} items; '
-            + str(table.rate_limiter_info).replace('\n', ' ')[:200])
-  except Exception as e:  # pylint: disable=broad-except
-    return f'replay server not answering ({type(e).__name__})'
+def _table_state(addresses: Sequence[str]) -> str:
+  states = []
+  for address in addresses:
+    where = f' at {address}' if len(addresses) > 1 else ''
+    try:
+      info = reverb.Client(address).server_info(timeout=5)
+      table = info[config_lib.REPLAY_TABLE]
+      states.append(
+          f'{config_lib.REPLAY_TABLE}{where} holds {table.current_size} '
+          'items; ' + str(table.rate_limiter_info).replace('\n', ' ')[:200])
+    except Exception as e:  # pylint: disable=broad-except
+      states.append(f'replay server{where} not answering '
+                    f'({type(e).__name__})')
+  return ' | '.join(states)
+
+
+def _wait_for_shards(s: 'LearnerSettings', should_stop) -> list:
+  """Waits for every replay shard; returns their server infos."""
+  return [reverb_connection.wait_for_server(address, s.server_timeout_s,
+                                            'learner', should_stop)
+          for address in s.shards]
 
 
 class _Heartbeat:
@@ -89,11 +109,11 @@ class _Heartbeat:
   wait visible in the log.
   """
 
-  def __init__(self, replay_address: str, train_step: tf.Variable,
-               interval_s: float = 30.0):
+  def __init__(self, replay_addresses: Sequence[str],
+               train_step: tf.Variable, interval_s: float = 30.0):
     # Sampling waits inside the input pipeline (it survives waits for data),
     # so this thread is what reports a learner starved of data.
-    self._address = replay_address
+    self._addresses = replay_addresses
     self._train_step = train_step
     self._interval_s = interval_s
     self._done = threading.Event()
@@ -115,7 +135,7 @@ class _Heartbeat:
         continue
       still += self._interval_s
       logging.info('learner: waiting for replay data at train_step %d for '
-                   '%.0fs: %s', step, still, _table_state(self._address))
+                   '%.0fs: %s', step, still, _table_state(self._addresses))
 
 
 def _train_with_priorities(agent, s: LearnerSettings):
@@ -137,7 +157,7 @@ def _train_with_priorities(agent, s: LearnerSettings):
     return loss_info._replace(extra=(loss_info.extra, td_errors))
 
   agent.train = prioritized_train
-  return priorities_lib.PriorityUpdater(s.replay_address).start()
+  return priorities_lib.PriorityUpdater(s.shards).start()
 
 
 def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
@@ -156,11 +176,13 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     agent = agents.create_agent(env, s.agent, train_step, s.env_name)
   env.close()
 
-  info = reverb_connection.wait_for_server(
-      s.replay_address, s.server_timeout_s, 'learner', should_stop)
-  reverb_connection.check_table_signature(
-      info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
-      s.replay_address)
+  for address, info in zip(s.shards, _wait_for_shards(s, should_stop)):
+    reverb_connection.check_table_signature(
+        info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
+        address)
+  if len(s.shards) > 1:
+    logging.info('learner: samples from %d replay shards: %s',
+                 len(s.shards), ', '.join(s.shards))
   variables = agents.shared_variables(agent, train_step)
   container = VariableContainerClient(
       s.variable_address, variables, s.server_timeout_s, 'learner',
@@ -177,7 +199,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
 
   def experience_dataset_fn():
     dataset = dataset_lib.experience_dataset(
-        s.replay_address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        s.shards, config_lib.REPLAY_TABLE, agent.collect_data_spec,
         per_replica_batch, agents.sequence_length(agent),
         parallel_readers=s.sample_parallel_readers,
         prefetch=s.prefetch_batches,
@@ -232,7 +254,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   step, last_push, loss = start_step, start_step, float('nan')
   first_step, t_first = None, None
   iterator = None  # None: the Learner's own.
-  heartbeat = _Heartbeat(s.replay_address, train_step,
+  heartbeat = _Heartbeat(s.shards, train_step,
                          min(30.0, 3 * s.log_interval_s)).start()
   try:
     while step < s.train_steps and not should_stop():
@@ -244,10 +266,9 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
       except (tf.errors.UnavailableError, tf.errors.CancelledError,
               tf.errors.AbortedError) as e:
         logging.warning('learner: lost the replay server at %s (%s); '
-                        'waiting for it', s.replay_address, type(e).__name__)
-        reverb_connection.wait_for_server(s.replay_address,
-                                          s.server_timeout_s, 'learner',
-                                          should_stop)
+                        'waiting for it', ', '.join(s.shards),
+                        type(e).__name__)
+        _wait_for_shards(s, should_stop)
         step = int(learner.train_step_numpy)
         iterator = new_iterator()
         continue

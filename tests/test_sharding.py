@@ -1,0 +1,113 @@
+"""Replay sharding: --replay_address=a,b; actor i writes to shard i mod S.
+
+The learner samples every shard through one pipeline; priorities go back to
+the shard that holds each item; variables, actor indices and the max
+priority stay on the first shard.
+"""
+
+import numpy as np
+import reverb
+import tensorflow as tf
+
+from common import config as config_lib
+from learner import dataset as dataset_lib
+from tests.cluster import free_port
+
+
+def _marked_server(marker: float, items: int = 64) -> reverb.Server:
+  """A real server whose items all carry `marker` (2 steps of 3 floats)."""
+  server = reverb.Server([reverb.Table(
+      config_lib.REPLAY_TABLE, reverb.selectors.Uniform(),
+      reverb.selectors.Fifo(), 1000, reverb.rate_limiters.MinSize(1),
+      signature=tf.TensorSpec([None, 3], tf.float32))])
+  client = reverb.Client(f'localhost:{server.port}')
+  with client.trajectory_writer(2) as writer:
+    for i in range(items + 1):
+      writer.append(np.full([3], marker, np.float32))
+      if i:
+        writer.create_item(config_lib.REPLAY_TABLE, 1.0, writer.history[-2:])
+  return server
+
+
+def test_one_pipeline_samples_every_shard():
+  servers = [_marked_server(0.0), _marked_server(1.0)]
+  try:
+    dataset = dataset_lib.experience_dataset(
+        [f'localhost:{s.port}' for s in servers], config_lib.REPLAY_TABLE,
+        tf.TensorSpec([3], tf.float32), batch_size=16, sequence_length=2)
+    seen = []
+    for experience, _ in dataset.take(40):
+      values = np.unique(experience.numpy())
+      # A batch comes whole from one shard (its importance weights and
+      # priorities are that shard's).
+      assert len(values) == 1, values
+      seen.append(float(values[0]))
+    assert set(seen) == {0.0, 1.0}, seen
+    # Neither shard starves the other.
+    assert min(seen.count(0.0), seen.count(1.0)) >= 8, seen
+  finally:
+    for s in servers:
+      s.stop()
+
+
+def _table_stats(address: str):
+  info = reverb.Client(address).server_info(timeout=10)
+  table = info[config_lib.REPLAY_TABLE]
+  stats = table.rate_limiter_info
+  return (table.current_size, stats.insert_stats.completed,
+          stats.sample_stats.completed)
+
+
+def test_two_shards_two_actors_one_prioritized_learner(cluster):
+  """Separate processes: 2 replay shards, 2 actors, 1 learner.
+
+  Actor i writes only to shard i; the learner samples both (their sample
+  counts grow; it is the only sampler) and rewrites priorities on both.
+  """
+  ports = [free_port(), free_port()]
+  addresses = [f'localhost:{p}' for p in ports]
+  common_flags = [
+      '--env=CartPole-v0', '--agent=dqn', '--q_fc_layers=32',
+      '--replay=prioritized', '--replay_capacity=5000',
+      '--min_size_to_sample=100', '--initial_collect_steps=200',
+      '--num_actors=2', '--rate_limiter=min_size',
+      f'--replay_address={",".join(addresses)}',
+      '--train_steps=400', '--server_timeout_s=60', '--log_interval_s=2']
+  for shard, port in enumerate(ports):
+    cluster.start(f'server_{shard}', 'replay_server',
+                  common_flags + [f'--port={port}'])
+  for task in range(2):
+    cluster.start(f'actor_{task}', 'actor', common_flags + [
+        f'--task={task}', f'--root_dir={cluster.log_dir}/actor',
+        '--pull_interval_steps=20'])
+  cluster.start('learner', 'learner', common_flags + [
+      f'--root_dir={cluster.log_dir}/learner', '--push_interval_steps=20',
+      '--policy_save_interval=100000'])
+  assert cluster.wait('learner', 240) == 0, cluster.tail('learner')
+  log = cluster.log('learner')
+  assert 'samples from 2 replay shards' in log
+  assert 'priority updates written, 0 dropped' in log
+  assert 'writes to replay shard 1 of 2' in cluster.log('actor_1')
+  for task in range(2):
+    assert cluster.wait(f'actor_{task}', 60) == 0, cluster.tail(
+        f'actor_{task}')
+  for address in addresses:
+    size, inserted, sampled = _table_stats(address)
+    assert size > 100 and inserted > 100, (address, size, inserted)
+    # The learner is the only sampler: items of this shard were in its
+    # batches (400 steps x 64 items, split over the two shards).
+    assert sampled >= 64 * 50, (address, sampled)
+    client = reverb.Client(address)
+    samples = list(client.sample(config_lib.REPLAY_TABLE, num_samples=300))
+    priorities = {s[0].info.key: s[0].info.priority for s in samples}
+    # The learner's |TD errors| reached this shard's items.
+    assert len(set(priorities.values())) > 20, address
+  # Each actor wrote to its own shard only: the episodes split by actor.
+  inserted = [_table_stats(a)[1] for a in addresses]
+  actor_steps = []
+  for task in range(2):
+    tail = cluster.log(f'actor_{task}')
+    actor_steps.append(int(
+        tail.rsplit('env steps, ', 1)[0].rsplit(';', 1)[1].split()[0]))
+  assert inserted[0] <= actor_steps[0] and inserted[1] <= actor_steps[1], (
+      inserted, actor_steps)
