@@ -150,3 +150,26 @@ def test_learner_failure_stops_the_cluster_with_exit_1(cluster, tmp_path):
   assert log.count('[learner]') and 'restarting it' not in log.split(
       'learner died with exit code -9')[1]
   assert not _children_of(root, launcher.pid), 'orphans left behind'
+
+
+def test_launcher_runs_two_replay_shards(cluster, tmp_path):
+  """--replay_shards=2: two servers; each actor fills one; all are counted."""
+  root = str(tmp_path / 'run')
+  cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', '--train_steps=300', '--replay_shards=2',
+      '--eval_interval=300', '--num_eval_episodes=1', '--video_episodes=0'])
+  assert cluster.wait('launcher', 400) == 0, cluster.tail('launcher', 80)
+  log = cluster.log('launcher')
+  assert re.search(r'started replay_server, replay_server_1, learner', log)
+  assert 'learner: samples from 2 replay shards' in log
+  assert re.search(r'\[actor_1\].*writes to replay shard 1 of 2', log)
+  # Each shard persists on its own.
+  for name in ('replay_checkpoints', 'replay_checkpoints_1'):
+    assert os.listdir(os.path.join(root, name)), name
+  with open(os.path.join(root, 'eval', 'metrics.jsonl')) as f:
+    final = [json.loads(line) for line in f][-1]
+  # The evaluator counts the transitions of both shards (one shard holds
+  # about half): nearly every env step the actors logged.
+  env_steps = sum(int(m) for m in re.findall(
+      r'actor \d: training finished; (\d+) env steps', log))
+  assert final['agent_steps'] >= 0.75 * env_steps, (final, env_steps)
