@@ -4,6 +4,8 @@
 #                                       build the images, run and check a cluster
 #   docker/test_compose.sh --install    only install the tools (docker.io,
 #                                       iptables, debootstrap, docker-compose)
+#   docker/test_compose.sh --shards     the same with docker-compose.shards.yml:
+#                                       two replay shards, checked both used
 # Needs root for apt-get and dockerd. Stops the dockerd it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,13 @@ install_tools
 project=sactest$$
 flagfile="$(mktemp /tmp/sac-test-flags.XXXXXX)"
 export COMPOSE_PROJECT_NAME="$project" SAC_FLAGFILE="$flagfile"
-compose() { docker-compose -f docker-compose.yml "$@"; }
+files=(-f docker-compose.yml)
+shards=0
+if [ "${1:-}" = "--shards" ]; then
+  files+=(-f docker-compose.shards.yml)
+  shards=1
+fi
+compose() { docker-compose "${files[@]}" "$@"; }
 
 cleanup() {
   compose down -v --timeout 5 >/dev/null 2>&1 || true
@@ -52,7 +60,7 @@ cat >"$flagfile" <<'FLAGS'
 FLAGS
 chmod 644 "$flagfile"
 
-say "docker-compose up --scale actor=2"
+say "docker-compose ${files[*]} up --scale actor=2"
 if ! compose up -d --scale actor=2 >/dev/null; then
   server="$(compose ps -q replay_server)"
   [ -n "$server" ] && docker inspect --format '{{json .State.Health}}' "$server" | tail -c 1500 >&2
@@ -79,6 +87,15 @@ for i in $ids; do
     || fail "actor $i wrote no experience"
 done
 say "actors with indices $ids wrote to the replay table"
+if [ "$shards" = 1 ]; then
+  grep -q "learner: samples from 2 replay shards: replay_server:8000, replay_server_1:8000" /tmp/sac-learner.log \
+    || fail "the learner did not sample both shards"
+  grep -qE "actor [0-9]+: writes to replay shard 1 of 2 at replay_server_1:8000" /tmp/sac-actors.log \
+    || fail "no actor wrote to the second shard"
+  shard_log="$(compose logs --no-color replay_server_1 2>&1)"
+  echo "$shard_log" | grep -q "serving tables" || fail "replay_server_1 did not serve"
+  say "the learner sampled both shards; an actor wrote to replay_server_1"
+fi
 
 rows="$(docker run --rm -v "${project}_sac_data:/data:ro" --entrypoint python distributed-sac:latest \
   -c 'import json; rows=[json.loads(l) for l in open("/data/eval/metrics.jsonl")]; print(len(rows), rows[-1]["train_step"])')" \

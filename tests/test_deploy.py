@@ -66,6 +66,31 @@ def test_gpu_override_reserves_a_gpu_for_a_mirrored_learner():
   assert any('gpu' in d['capabilities'] for d in devices)
 
 
+def test_shards_override_runs_a_second_replay_server_for_every_client():
+  config = _compose_config('docker-compose.yml', 'docker-compose.shards.yml')
+  services = config['services']
+  shard = services['replay_server_1']
+  first = services['replay_server']
+  assert shard['image'] == first['image'] and 'healthcheck' in shard
+  assert not shard.get('ports'), 'Reverb must stay internal'
+  assert shard['networks'] == first['networks']
+  checkpoints = [
+      [a for a in s['command'] if a.startswith('--checkpoint_dir=')]
+      for s in (first, shard)]
+  assert checkpoints[0] != checkpoints[1], checkpoints
+  for name in ('learner', 'actor', 'evaluator'):
+    command = services[name]['command']
+    assert ('--replay_address=replay_server:8000,replay_server_1:8000'
+            in command), (name, command)
+    # After the flagfile, so it wins over the flagfile's single address.
+    assert command.index('--flagfile=/config/cluster.flags') < next(
+        i for i, a in enumerate(command) if a.startswith('--replay_address'))
+    for server in ('replay_server', 'replay_server_1'):
+      assert services[name]['depends_on'][server]['condition'] == (
+          'service_healthy')
+  assert '--task=auto' in services['actor']['command']
+
+
 def _k8s_documents():
   with open(os.path.join(K8S, 'kustomization.yaml')) as f:
     kustomization = yaml.safe_load(f)
@@ -128,6 +153,43 @@ def test_kubernetes_manifests_are_consistent():
   with open(os.path.join(K8S, 'cluster.flags')) as f:
     flags = f.read()
   assert re.search(r'^--replay_address=replay-server:8000$', flags, re.M)
+
+
+def test_kubernetes_shards_overlay_adds_a_shard_every_client_samples():
+  """deploy/k8s-shards: the base stack plus a StatefulSet of shards."""
+  if not shutil.which('kubectl'):
+    pytest.skip('kubectl is not installed (kustomize builds offline with it)')
+  out = subprocess.run(
+      ['kubectl', 'kustomize', os.path.join(REPO_ROOT, 'deploy', 'k8s-shards')],
+      capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+  by_kind = {}
+  for doc in docs:
+    if doc['kind'] != 'Namespace':
+      assert doc['metadata'].get('namespace') == 'distributed-sac', doc[
+          'metadata']
+    by_kind.setdefault(doc['kind'], {})[doc['metadata']['name']] = doc
+  shards = by_kind['StatefulSet']['replay-shard']
+  service = by_kind['Service'][shards['spec']['serviceName']]
+  assert service['spec']['clusterIP'] == 'None'  # One DNS name per pod.
+  pod = shards['spec']['template']
+  for key, value in service['spec']['selector'].items():
+    assert pod['metadata']['labels'][key] == value
+  # The base's ClusterIP service must not route to the shards.
+  base_selector = by_kind['Service']['replay-server']['spec']['selector']
+  assert any(pod['metadata']['labels'].get(k) != v
+             for k, v in base_selector.items())
+  assert shards['spec']['volumeClaimTemplates']
+  assert by_kind['NetworkPolicy']['replay-shard-namespace-only']
+  expected = ['replay-server:8000'] + [
+      f'replay-shard-{i}.replay-shard:8000'
+      for i in range(shards['spec']['replicas'])]
+  for name in ('learner', 'actor', 'evaluator'):
+    args = by_kind['Deployment'][name]['spec']['template']['spec'][
+        'containers'][0]['args']
+    assert args[-1] == '--replay_address=' + ','.join(expected), (name, args)
+    assert '--flagfile=/config/cluster.flags' in args[:-1]
 
 
 def test_swarm_stack_parses_and_scales_actors():
