@@ -1,8 +1,10 @@
 """The collect loop: random initial share, then the collect policy with pulled weights.
 
-Owns one environment and a local copy of the collect policy. Weights arrive
-over Reverb from the variable container; experience leaves over Reverb into
-`uniform_table`. The loop ends when the learner's train_step (read from the
+Owns a batch of environments (in this process, or in subprocesses with
+`env_processes` > 1) and a local copy of the collect policy, run in NumPy
+where the agent has one (a TF policy call per step cost a quarter of an
+environment step). Weights arrive over Reverb from the variable container;
+experience leaves over Reverb into `uniform_table`. The loop ends when the learner's train_step (read from the
 variables table) reaches `max_train_steps`, or on SIGTERM.
 """
 
@@ -14,17 +16,12 @@ from typing import Callable, Optional, Tuple
 from absl import logging
 import reverb
 import tensorflow as tf
-from tf_agents.metrics import py_metrics
-from tf_agents.policies import py_tf_eager_policy
-from tf_agents.environments import batched_py_environment
-from tf_agents.environments import wrappers
-from tf_agents.policies import random_py_policy
-from tf_agents.train import actor as tfa_actor
 from tf_agents.train.utils import train_utils
 
+from actor import collector as collector_lib
+from actor import env_processes
 from actor.writer import CollectionStopped
 from actor.writer import StoppableTrajectoryObserver
-from actor.writer import UnbatchingObserver
 from common import agents
 from common import config as config_lib
 from common import environments
@@ -58,30 +55,6 @@ class ActorSettings:
   # Every replay shard (empty: replay_address alone); actor i writes to
   # shard i mod S.
   replay_shards: Tuple[str, ...] = ()
-
-
-class _BatchedEagerPolicy(py_tf_eager_policy.PyTFEagerPolicy):
-  """A TF policy for already-batched time steps that returns numpy actions.
-
-  `PyTFEagerPolicy(batch_time_steps=False)` hands back tensors, which some
-  environments (Minitaur) cannot take: they write into the action array.
-  """
-
-  def _action(self, time_step, policy_state, seed=None):
-    step = super()._action(time_step, policy_state, seed)
-    to_numpy = lambda t: t.numpy() if hasattr(t, 'numpy') else t
-    return step._replace(action=tf.nest.map_structure(to_numpy, step.action),
-                         info=tf.nest.map_structure(to_numpy, step.info))
-
-
-def collect_metrics(batch_size: int):
-  """TF-Agents' collect metrics, for `batch_size` environments at once."""
-  if batch_size == 1:
-    return tfa_actor.collect_metrics(10)
-  return [py_metrics.NumberOfEpisodes(), py_metrics.EnvironmentSteps(),
-          py_metrics.AverageReturnMetric(buffer_size=10, batch_size=batch_size),
-          py_metrics.AverageEpisodeLengthMetric(buffer_size=10,
-                                                batch_size=batch_size)]
 
 
 def initial_collect_share(total: int, num_actors: int, task: int) -> int:
@@ -132,14 +105,28 @@ def collect(s: ActorSettings,
                  task % len(shards), len(shards), write_address)
     info = reverb_connection.wait_for_server(
         write_address, s.server_timeout_s, who, should_stop)
-  # Each environment keeps run statistics; with several, one batched
-  # environment steps them together so the policy runs once per batch.
-  stats = [wrappers.RunStats(environments.load_environment(
-      s.env_name, seed=s.seed * 100000 + task * 1000 + i, options=s.env_options))
-           for i in range(s.envs_per_actor)]
-  n = s.envs_per_actor
-  env = stats[0] if n == 1 else batched_py_environment.BatchedPyEnvironment(
-      stats, multithreading=False)
+  # One batch of environments (`envs_per_actor` in this process, or in each
+  # of `env_processes` subprocesses) behind one policy call per step.
+  n = s.envs_per_actor * s.env_processes
+  seeds = [s.seed * 100000 + task * 1000 + i for i in range(n)]
+  if s.env_processes > 1:
+    logging.info('%s: steps %d environments in %d subprocesses', who, n,
+                 s.env_processes)
+    env = env_processes.EnvironmentProcesses(
+        s.env_name, [seeds[k * s.envs_per_actor:(k + 1) * s.envs_per_actor]
+                     for k in range(s.env_processes)], s.env_options)
+  else:
+    env = env_processes.InProcessEnvironments(s.env_name, seeds,
+                                              s.env_options)
+  try:
+    return _collect(s, should_stop, who, task, info, write_address, env)
+  finally:
+    env.close()
+
+
+def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
+             env) -> int:
+  n = env.batch_size
   train_step = train_utils.create_train_step()
   # Per-actor exploration (e.g. Ape-X's epsilons) lives in the agent's config.
   collect_config = agents.collect_config(s.agent, task, s.num_actors)
@@ -164,7 +151,7 @@ def collect(s: ActorSettings,
   item_length = agents.sequence_length(agent)
   observers = [StoppableTrajectoryObserver(client, done, item_length, who=who)
                for _ in range(n)]
-  observer = observers[0] if n == 1 else UnbatchingObserver(observers)
+  collector = collector_lib.Collector(env, observers)
   # A prioritized table: new items enter at the largest priority the learner
   # has written (read with every pull), so each is sampled soon.
   prioritized = config_lib.MAX_PRIORITY_TABLE in info
@@ -177,24 +164,24 @@ def collect(s: ActorSettings,
                       'last one', who, type(e).__name__)
       return
     if priority is not None:
-      observer.update_priority(priority)
-  env_steps = py_metrics.EnvironmentSteps()
+      for observer in observers:
+        observer.update_priority(priority)
   meter = progress.RateMeter()
   weights_step = container.latest_train_step()
 
   def log_progress(phase):
     if meter.due(s.log_interval_s):
-      rate = meter.update(env_steps.result())
+      rate = meter.update(collector.env_steps)
       policy = ('random policy' if phase == 'random' else
                 f'weights of train_step {weights_step}')
       logging.info('%s: %s  env_steps %d  %.1f env steps/s  episodes %d  '
-                   'acting with %s', who, phase, env_steps.result(), rate,
-                   sum(e.episodes for e in stats), policy)
+                   'acting with %s', who, phase, collector.env_steps, rate,
+                   env.episodes, policy)
 
   # Tells the server, also after it restarts, that this index is taken
   # (from here on: a process that fails its checks leaves no trace).
   lease = tables.ActorLease(s.replay_address, task).start()
-  collect_actor = None
+  summary_writer = None
   try:
     # The random initial collect fills the table before the first train step;
     # a rejoining actor (the learner is past step 0) skips it.
@@ -202,35 +189,36 @@ def collect(s: ActorSettings,
                                   task)
     if share and not weights_step:
       logging.info('%s: random initial collect of %d steps', who, share)
-      random_actor = tfa_actor.Actor(
-          env, random_py_policy.RandomPyPolicy(
-              env.time_step_spec(), env.action_spec(),
-              outer_dims=(n,) if n > 1 else None),
-          train_step, steps_per_run=min(share, s.pull_interval_steps),
-          observers=[observer, env_steps])
-      while env_steps.result() < share and not done():
-        random_actor.run()
+      act = collector_lib.random_act(env.action_spec(), n,
+                                     seed=_policy_seed(s.seed, task))
+      while collector.env_steps < share and not done():
+        collector.run(act, min(share, s.pull_interval_steps))
         log_progress('random')
-      observer.discard_partial_episode()
+      for observer in observers:
+        observer.discard_partial_episode()
+      collector.reset()  # The collect policy starts new episodes.
 
-    collect_policy = agents.collect_policy(agent, collect_config)
-    collect_actor = tfa_actor.Actor(
-        env,
-        py_tf_eager_policy.PyTFEagerPolicy(collect_policy,
-                                           use_tf_function=True)
-        if n == 1 else _BatchedEagerPolicy(
-            collect_policy, use_tf_function=True, batch_time_steps=False),
-        train_step,
-        steps_per_run=s.pull_interval_steps,
-        metrics=collect_metrics(n),
-        summary_dir=os.path.join(s.root_dir, f'actor_{task}'),
-        summary_interval=s.pull_interval_steps,
-        observers=[observer, env_steps])
+    numpy_policy = agents.numpy_collect_policy(
+        agent, collect_config, seed=_policy_seed(s.seed, task) + 1)
+    if numpy_policy is not None:
+      collector_lib.single_threaded_blas()
+      act = collector_lib.numpy_act(numpy_policy)
+    else:
+      logging.info('%s: no NumPy collect policy for %s; acting through '
+                   'TensorFlow', who, type(collect_config).__name__)
+      act = collector_lib.tf_act(
+          agents.collect_policy(agent, collect_config))
+    stats = collector_lib.EpisodeStats(n)
+    summary_writer = tf.summary.create_file_writer(
+        os.path.join(s.root_dir, f'actor_{task}'), flush_millis=10000)
+    last_summary = -s.pull_interval_steps
     acted_step = None
     while not done():
       newest = container.pull_into(variables)
       if newest is None or newest >= s.max_train_steps:
         break
+      if numpy_policy is not None:
+        numpy_policy.refresh()
       if acted_step is not None and newest < acted_step:
         # A learner restarted from an older checkpoint: its weights are the
         # truth; the step counts from there again.
@@ -238,13 +226,18 @@ def collect(s: ActorSettings,
                         '(a learner restored an older checkpoint); acting '
                         'with them', who, acted_step, newest)
         acted_step = None
+        last_summary = -s.pull_interval_steps
       # How far behind the newest weights this actor was acting.
       lag = newest - acted_step if acted_step is not None else 0
       acted_step = weights_step = newest
       if prioritized:
         update_priority()
-      collect_actor.run()
-      with collect_actor.summary_writer.as_default():
+      collector.run(act, s.pull_interval_steps, stats)
+      with summary_writer.as_default():
+        # TF-Agents' Actor writes its metrics once per summary interval.
+        if newest - last_summary >= s.pull_interval_steps:
+          stats.write_summaries(newest)
+          last_summary = newest
         tf.summary.scalar('Actor/weight_version_lag', lag, step=newest)
         tf.summary.scalar('Actor/env_steps_per_second', meter.rate,
                           step=newest)
@@ -253,13 +246,16 @@ def collect(s: ActorSettings,
     pass
   finally:
     lease.stop()
-    if collect_actor is not None:
-      collect_actor.summary_writer.flush()
+    if summary_writer is not None:
+      summary_writer.flush()
   reason = 'stop requested' if should_stop() else 'training finished'
   logging.info('%s: %s; %d env steps, %d episodes, %d resets, last acted '
                'with weights of train_step %s, %.0fs blocked by the rate '
-               'limiter', who, reason, env_steps.result(),
-               sum(e.episodes for e in stats), sum(e.resets for e in stats),
-               weights_step, observer.blocked_s)
-  env.close()
-  return int(env_steps.result())
+               'limiter', who, reason, collector.env_steps, env.episodes,
+               env.resets, weights_step, sum(o.blocked_s for o in observers))
+  return collector.env_steps
+
+
+def _policy_seed(seed: int, task: int) -> int:
+  """Distinct sampling streams per actor, the same on a rerun."""
+  return (seed * 1000003 + task * 7919) % (2**31 - 1)

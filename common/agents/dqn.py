@@ -93,3 +93,59 @@ def greedy_policy(agent):
 
 def collect_policy(agent):
   return agent.collect_policy
+
+
+class NumpyCollectPolicy:
+  """DQN's collect policy in NumPy: epsilon-greedy over the Q-network.
+
+  As TF-Agents' `EpsilonGreedyPolicy` over a `GreedyPolicy(QPolicy)`: with
+  probability epsilon a uniformly random action (which may be the greedy
+  one), otherwise the argmax of the Q-values, shifted by the spec's minimum.
+  """
+
+  def __init__(self, layers, action_spec, epsilon: float,
+               seed: Optional[int] = None):
+    self._q_network = agents.NumpyLayers(layers)
+    self._shape = tuple(action_spec.shape)
+    self._dtype = action_spec.dtype.as_numpy_dtype
+    self._minimum = int(np.min(action_spec.minimum))
+    self._maximum = int(np.max(action_spec.maximum))
+    self.epsilon = float(epsilon)
+    self._rng = np.random.default_rng(seed)
+
+  def refresh(self) -> None:
+    self._q_network.refresh()
+
+  def q_values(self, observations: np.ndarray) -> np.ndarray:
+    return self._q_network(observations)
+
+  def greedy(self, observations: np.ndarray) -> np.ndarray:
+    best = np.argmax(self.q_values(observations), axis=-1) + self._minimum
+    return best.astype(self._dtype).reshape((-1,) + self._shape)
+
+  def __call__(self, observations: np.ndarray) -> np.ndarray:
+    actions = self.greedy(observations)
+    explore = self._rng.random(len(actions)) < self.epsilon
+    if explore.any():
+      actions[explore] = self._rng.integers(
+          self._minimum, self._maximum + 1,
+          size=(int(explore.sum()),) + self._shape).astype(self._dtype)
+    return actions
+
+
+def numpy_collect_policy(agent, config: DqnConfig,
+                         seed: Optional[int] = None):
+  """`NumpyCollectPolicy` for `agent`, or None for networks it cannot run."""
+  # pylint: disable=protected-access
+  net = agent._q_network
+  action_specs = tf.nest.flatten(agent.action_spec)
+  if not isinstance(net, q_network.QNetwork) or len(action_specs) != 1:
+    return None
+  layers = agents.encoder_layers(net._encoder)
+  if (layers is None or
+      not agents.NumpyLayers.supports([net._q_value_layer]) or
+      agent._observation_and_action_constraint_splitter is not None or
+      callable(config.epsilon_greedy)):
+    return None
+  return NumpyCollectPolicy(list(layers) + [net._q_value_layer],
+                            action_specs[0], config.epsilon_greedy, seed)

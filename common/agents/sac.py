@@ -6,8 +6,9 @@ returns, so its replay items are always 2 steps long.
 
 import contextlib
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 from tf_agents.agents.ddpg import critic_network
 from tf_agents.agents.sac import sac_agent
@@ -121,3 +122,79 @@ def greedy_policy(agent):
 
 def collect_policy(agent):
   return agent.collect_policy
+
+
+class NumpyCollectPolicy:
+  """SAC's collect policy in NumPy: a tanh-squashed diagonal Gaussian.
+
+  The math of TF-Agents' `ActorDistributionNetwork` with a
+  `TanhNormalProjectionNetwork` and of `ActorPolicy`: the encoder's dense
+  layers, a linear projection to [means, log stds], std = exp(log std), a
+  sample x ~ N(mean, std), then action = mid + half_range * tanh(x), clipped
+  to the action spec.
+  """
+
+  def __init__(self, encoder_layers, projection_layer, action_spec,
+               seed: Optional[int] = None):
+    self._network = agents.NumpyLayers(list(encoder_layers) +
+                                       [projection_layer])
+    self._shape = tuple(action_spec.shape)
+    self._dtype = action_spec.dtype.as_numpy_dtype
+    minimum = np.broadcast_to(np.asarray(action_spec.minimum, self._dtype),
+                              self._shape)
+    maximum = np.broadcast_to(np.asarray(action_spec.maximum, self._dtype),
+                              self._shape)
+    self._minimum, self._maximum = minimum, maximum
+    # TF-Agents' spec_means_and_magnitudes.
+    self._mid = ((maximum + minimum) / 2).astype(self._dtype)
+    self._half_range = ((maximum - minimum) / 2).astype(self._dtype)
+    self._rng = np.random.default_rng(seed)
+
+  def refresh(self) -> None:
+    self._network.refresh()
+
+  def normal(self, observations: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Means and stds of the Gaussian before squashing, [B, *action shape]."""
+    out = self._network(observations)
+    means, log_stds = np.split(out, 2, axis=-1)
+    with np.errstate(over='ignore'):  # inf, as in TF: the action is a bound.
+      stds = np.exp(log_stds)
+    shape = (-1,) + self._shape
+    return (means.reshape(shape).astype(self._dtype, copy=False),
+            stds.reshape(shape).astype(self._dtype, copy=False))
+
+  def squash(self, x: np.ndarray) -> np.ndarray:
+    action = self._mid + self._half_range * np.tanh(x)
+    return np.clip(action, self._minimum, self._maximum).astype(
+        self._dtype, copy=False)
+
+  def mode(self, observations: np.ndarray) -> np.ndarray:
+    return self.squash(self.normal(observations)[0])
+
+  def __call__(self, observations: np.ndarray) -> np.ndarray:
+    means, stds = self.normal(observations)
+    noise = self._rng.standard_normal(means.shape, dtype=np.float32)
+    return self.squash(means + stds * noise.astype(self._dtype, copy=False))
+
+
+def numpy_collect_policy(agent, config: SacConfig,
+                         seed: Optional[int] = None):
+  """`NumpyCollectPolicy` for `agent`, or None for networks it cannot run."""
+  del config
+  # pylint: disable=protected-access
+  net = agent._actor_network
+  if not isinstance(net,
+                    actor_distribution_network.ActorDistributionNetwork):
+    return None
+  layers = agents.encoder_layers(net._encoder)
+  projections = tf.nest.flatten(net._projection_networks)
+  action_specs = tf.nest.flatten(agent.action_spec)
+  if (layers is None or len(projections) != 1 or len(action_specs) != 1 or
+      not isinstance(projections[0], tanh_normal_projection_network
+                     .TanhNormalProjectionNetwork) or
+      projections[0]._std_transform is not tf.exp or
+      not agents.NumpyLayers.supports([projections[0]._projection_layer]) or
+      agent.collect_policy.observation_and_action_constraint_splitter):
+    return None
+  return NumpyCollectPolicy(layers, projections[0]._projection_layer,
+                            action_specs[0], seed)
