@@ -4,6 +4,11 @@ python -m bench.run [--out=bench/results.json] [--env=MinitaurBulletEnv-v0]
 
 Every ratio is measured within one run of this command (rates on a shared
 machine drift between runs). Prints one JSON document and writes it to --out.
+Processes whose rates are compared are pinned to cores (`taskset -c`; the
+placements are in BENCHMARKS.md and in the JSON): collection against cores
+(`bench.collection`), replay sampling per server core and over shards
+(`bench.replay_shards`), the learner's input efficiency on one core
+(`bench.learner_input`).
 """
 
 import json
@@ -17,29 +22,33 @@ import time
 from bench import step_check
 from common import process  # Must precede TensorFlow imports.
 
+if __name__ == '__main__':
+  # Modules that import bench.run (bench.prioritized) get this module, not a
+  # second copy that would define its flags again.
+  sys.modules.setdefault('bench.run', sys.modules[__name__])
+
 from absl import flags
 from absl import logging
-import numpy as np
-import reverb
 import tensorflow as tf
 from tf_agents.policies import py_tf_eager_policy
 from tf_agents.policies import random_py_policy
 from tf_agents.replay_buffers import reverb_replay_buffer
-from tf_agents.replay_buffers import reverb_utils
 from tf_agents.train import actor as tfa_actor
 from tf_agents.train import learner as tfa_learner
 
+from bench import collection
+from bench import fixtures
+from bench import learner_input
+from bench import replay_shards
 from common import agents
 from common import config as config_lib
 from common import environments
-from learner import dataset as dataset_lib
 from bench.tutorial_replay import tutorial_replay
 from tests.cluster import Cluster, free_port, processes_naming
 from variable_container import VariableContainerClient
 
 OUT = flags.DEFINE_string('out', 'bench/results.json', 'Where to write JSON.')
-BENCH_ENV = flags.DEFINE_string('bench_env', 'MinitaurBulletEnv-v0',
-                                'Environment to measure.')
+BENCH_ENV = fixtures.BENCH_ENV
 STEPS = flags.DEFINE_integer('baseline_train_steps', 1000,
                              'Train steps of the tutorial-loop comparison.')
 
@@ -69,20 +78,6 @@ class _RssWatch:
         self.peak[name] = max(self.peak.get(name, 0), round(rss, 1))
 
 
-def raw_env_rate(env_name, steps=1500):
-  env = environments.load_environment(env_name)
-  spec = env.action_spec()
-  rng = np.random.default_rng(0)
-  env.reset()
-  start = time.perf_counter()
-  for _ in range(steps):
-    action = rng.uniform(spec.minimum, spec.maximum, spec.shape).astype(
-        spec.dtype)
-    if env.step(action).is_last():
-      env.reset()
-  return steps / (time.perf_counter() - start)
-
-
 def _server(cluster, env_name, extra=()):
   port = free_port()
   cluster.start('replay_server', 'replay_server', [
@@ -98,111 +93,24 @@ def _agent(env_name, train_step=None):
   return env, agents.create_agent(env, SAC, train_step, env_name)
 
 
-def push_weights(env_name, address):
+push_weights = fixtures.push_weights
+
+
+_fill = fixtures.fill  # bench.prioritized fills its tables with it.
+
+
+def sampling_rates(env_name, address):
+  """Batches of 256 served per second through the learner's pipeline and
+  through TF-Agents' ReverbReplayBuffer.as_dataset (unpinned)."""
   _, agent = _agent(env_name)
-  variables = agents.shared_variables(agent, agent.train_step_counter)
-  agent.train_step_counter.assign(1)
-  VariableContainerClient(address, variables, 60).push(variables)
-
-
-def actor_rate(cluster, env_name, address, rss, envs=1, seconds=45):
-  """One actor process's env steps/s while writing to a live server."""
-  name = f'actor_{envs}_envs'
-  cluster.start(name, 'actor', [f'--envs_per_actor={envs}',
-      f'--env={env_name}', f'--replay_address={address}',
-      '--initial_collect_steps=0', '--max_train_steps=1000000000',
-      '--log_interval_s=5', '--validate_env_episodes=0',
-      f'--root_dir={cluster.log_dir}/actor'])
-  cluster.wait_for_log(name, 'acting with weights', 180)
-  deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    rss.sample({name: cluster.procs[name].pid,
-                'replay_server': cluster.procs['replay_server'].pid})
-    time.sleep(1)
-  rates = [float(r) for r in re.findall(r'([\d.]+) env steps/s',
-                                        cluster.log(name))]
-  cluster.signal(name)
-  cluster.wait(name, 30)
-  steady = rates[1:] or rates
-  return statistics.median(steady)
-
-
-def _fill(address, agent, items):
-  """Writes `items` synthetic 2-step transitions; returns items/s."""
-  spec = agent.collect_data_spec
-  rng = np.random.default_rng(0)
-
-  def sample_step():
-    def one(s):
-      if s.dtype.is_integer:
-        return np.ones(s.shape, s.dtype.as_numpy_dtype)  # MID steps
-      return rng.standard_normal(s.shape).astype(s.dtype.as_numpy_dtype)
-    return tf.nest.map_structure(one, spec)
-
-  steps = [sample_step() for _ in range(64)]
-  observer = reverb_utils.ReverbAddTrajectoryObserver(
-      reverb.Client(address), config_lib.REPLAY_TABLE,
-      sequence_length=2,
-      stride_length=config_lib.STRIDE_LENGTH)
-  start = time.perf_counter()
-  for i in range(items + 1):
-    observer(steps[i % len(steps)])
-  observer.flush()
-  rate = items / (time.perf_counter() - start)
-  observer.close()
-  return rate
-
-
-def _train_rate(learner, train_steps, iterations=10):
-  learner.run(iterations=iterations)  # Trace and warm up.
-  learner.run(iterations=iterations)
-  start = time.perf_counter()
-  for _ in range(train_steps // iterations):
-    learner.run(iterations=iterations)
-  return train_steps // iterations * iterations / (time.perf_counter() - start)
-
-
-def _batches_per_s(dataset, seconds=10):
-  iterator = iter(dataset)
-  next(iterator)
-  start, batches = time.perf_counter(), 0
-  while time.perf_counter() - start < seconds:
-    next(iterator)
-    batches += 1
-  return batches / (time.perf_counter() - start)
-
-
-def learner_rates(env_name, address, workdir, train_steps=600):
-  """Train steps/s from the live table vs. from one batch held in memory."""
-  _, agent = _agent(env_name)
-
-  def live_dataset():  # The learner's own pipeline.
-    return dataset_lib.experience_dataset(
-        address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
-        SAC.batch_size, 2)
-
-  live = tfa_learner.Learner(os.path.join(workdir, 'live'),
-                             agent.train_step_counter, agent, live_dataset,
-                             checkpoint_interval=-1, summary_interval=0)
-  live_rate = _train_rate(live, train_steps)
-
-  batch = next(iter(live_dataset()))
-  _, agent2 = _agent(env_name)
-  memory = tfa_learner.Learner(
-      os.path.join(workdir, 'memory'), agent2.train_step_counter, agent2,
-      lambda: tf.data.Dataset.from_tensors(batch).repeat(),
-      checkpoint_interval=-1, summary_interval=0)
-  memory_rate = _train_rate(memory, train_steps)
-
-  # Sampling alone: batches of 256 the table serves per second, through the
-  # learner's pipeline and through TF-Agents' ReverbReplayBuffer.as_dataset.
-  sample_rate = _batches_per_s(live_dataset())
+  sample_rate = learner_input.batches_per_s(
+      learner_input.live_dataset_fn(address, agent)())
   stock = reverb_replay_buffer.ReverbReplayBuffer(
       agent.collect_data_spec, sequence_length=2,
       table_name=config_lib.REPLAY_TABLE, server_address=address)
-  stock_rate = _batches_per_s(stock.as_dataset(
+  stock_rate = learner_input.batches_per_s(stock.as_dataset(
       sample_batch_size=SAC.batch_size, num_steps=2).prefetch(50))
-  return live_rate, memory_rate, sample_rate, stock_rate
+  return sample_rate, stock_rate
 
 
 def weight_propagation(env_name, address, rounds=20):
@@ -293,31 +201,88 @@ def main(_):
   t0 = time.perf_counter()
 
   def report(key, value):
-    results[key] = value
+    if not isinstance(value, str):  # A string is progress, not a figure.
+      results[key] = value
     print(f'[bench {time.perf_counter() - t0:5.0f}s] {key}: {value}',
           file=sys.stderr, flush=True)
 
+  # Collection against cores, and the actor's efficiency on one core.
+  c = collection.measure(env_name, os.path.join(workdir, 'collection'), rss,
+                         log=lambda text: report('collection', text))
+  report('collection_placement', c['placement'])
+  report('collection_rounds', c['rounds'])
+  rate = c['1_actor_env_steps_per_s']
+  for key in ('raw_env_ms_per_step', 'raw_env_ms_per_reset',
+              'actor_env_steps_per_episode',
+              'raw_env_steps_per_s_at_actor_episodes',
+              'actor_efficiency_vs_raw_no_resets', 'raw_env_cpu_ms_per_step',
+              'raw_env_cpu_ms_per_reset', 'actor_cpu_ms_per_env_step',
+              'actor_efficiency_cpu'):
+    report(key, c[key])
+  report('raw_env_steps_per_s', c['raw_env_steps_per_s_no_resets'])
+  report('actor_env_steps_per_s', rate)
+  report('actor_efficiency', c['actor_efficiency_pinned'])
+  report('actor_env_steps_per_s_4_envs', c['1_actor_4_envs_env_steps_per_s'])
+  report('actor_efficiency_4_envs', c['actor_efficiency_4_envs_pinned'])
+  report('collection_2_actors_env_steps_per_s',
+         c['2_actors_env_steps_per_s'])
+  report('collection_2_actors_over_1', c['2_actors_over_1'])
+  report('collection_1_actor_2_env_processes_env_steps_per_s',
+         c['1_actor_2_env_processes_env_steps_per_s'])
+  report('collection_2_env_processes_over_1_actor',
+         c['2_env_processes_over_1_actor'])
+
+  # Replay sampling per server core, 1 vs 2 shards, and the learner's input
+  # efficiency, every process pinned: shard 0 on the last core, the learner
+  # on the first.
+  cpus = sorted(os.sched_getaffinity(0))
+  shard_cluster = fixtures.PinnedCluster(os.path.join(workdir, 'shards'))
+  os.makedirs(shard_cluster.log_dir, exist_ok=True)
+  try:
+    shards, pids = replay_shards.start_shards(shard_cluster, env_name)
+    r = replay_shards.measure_on(env_name, shards, pids,
+                                 log=lambda text: report('replay_shards', text))
+    report('replay_shards', r)
+    learner_runs = {'default': []}
+    if os.path.exists(replay_shards.JEMALLOC):
+      learner_runs['jemalloc'] = []
+    for _ in range(2):  # Alternating.
+      for name, runs in learner_runs.items():
+        runs.append(learner_input.measure_pinned(
+            env_name, shards[0], pids[0], cpus[:1],
+            preload=replay_shards.JEMALLOC if name == 'jemalloc' else None))
+        report('learner_input_pinned', f'{name}: {runs[-1]}')
+    pinned = {name: max(runs, key=lambda f: f['input_efficiency'])
+              for name, runs in learner_runs.items()}
+    report('learner_input_pinned', pinned)
+    report('learner_input_placement', {'replay_server_cpu': cpus[-1],
+                                       'learner_cpu': cpus[0]})
+    default = pinned['default']
+    report('learner_train_steps_per_s_live_table',
+           default['train_steps_per_s_live_table'])
+    report('learner_train_steps_per_s_in_memory',
+           default['train_steps_per_s_in_memory'])
+    report('learner_input_efficiency', default['input_efficiency'])
+    if 'jemalloc' in pinned:
+      report('learner_input_efficiency_jemalloc',
+             pinned['jemalloc']['input_efficiency'])
+  finally:
+    shard_cluster.stop_all()
+
+  # Unpinned, as before the scale-out benchmarks: one server process, every
+  # process free to use every core.
   cluster = Cluster(workdir)
   try:
     address = _server(cluster, env_name)
-    env_rate = raw_env_rate(env_name)
-    report('raw_env_steps_per_s', round(env_rate, 1))
-    push_weights(env_name, address)
-    rate = actor_rate(cluster, env_name, address, rss)
-    report('actor_env_steps_per_s', round(rate, 1))
-    report('actor_efficiency', round(rate / env_rate, 3))
-    rate4 = actor_rate(cluster, env_name, address, rss, envs=4)
-    report('actor_env_steps_per_s_4_envs', round(rate4, 1))
-    report('actor_efficiency_4_envs', round(rate4 / env_rate, 3))
-
     _, agent = _agent(env_name)
     insert_rate = _fill(address, agent, 20000)
     report('replay_inserted_transitions_per_s', round(insert_rate, 1))
-    live, memory, sample_rate, stock_rate = learner_rates(env_name, address,
-                                                          workdir)
-    report('learner_train_steps_per_s_live_table', round(live, 1))
-    report('learner_train_steps_per_s_in_memory', round(memory, 1))
-    report('learner_input_efficiency', round(live / memory, 3))
+    live, memory, _, _ = learner_input.learner_rates(env_name, address,
+                                                     workdir)
+    report('learner_train_steps_per_s_live_table_unpinned', round(live, 1))
+    report('learner_train_steps_per_s_in_memory_unpinned', round(memory, 1))
+    report('learner_input_efficiency_unpinned', round(live / memory, 3))
+    sample_rate, stock_rate = sampling_rates(env_name, address)
     report('replay_sampled_batches_256_per_s', round(sample_rate, 1))
     report('tf_agents_as_dataset_batches_256_per_s', round(stock_rate, 1))
     report('replay_sample_capacity_ratio', round(sample_rate / live, 2))

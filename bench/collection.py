@@ -1,0 +1,264 @@
+"""Collection against cores: 1 actor, 2 actors, 1 actor with 2 env subprocesses.
+
+Pure collection: a replay server that never blocks a writer (MinSize limiter,
+min size 1), no learner, the policy weights pushed once. Every actor is a
+process pinned to its own core with `taskset -c`; the rate is each actor's
+logged "N env steps/s" (median of its lines in a steady window, the first,
+partial one dropped), summed over the actors running together.
+
+Placement (the same in every case, so the cases compare): the replay server
+is pinned to the last core. With 1 actor on the first core the server has
+its core to itself; with 2 actors the second actor shares its core with the
+server (about 800 inserts/s and the weight pulls: the CPU share it takes is
+reported as `server_cores_busy`). The raw `env.step` loop that the actor's
+efficiency divides by runs in this process's main thread pinned to the
+actor's core, the server idle on the other. It times env.step and reset
+apart, and the reference rate is that of episodes as long as the actor's
+(the pushed, untrained policy saturates its actions and Minitaur falls
+within tens of steps, while random actions walk for hundreds: with about
+0.1 s per reset, the same loop would otherwise compare unlike work).
+
+  python -m bench.collection              # also part of `make bench`
+"""
+
+from common import process  # Must precede TensorFlow imports.
+
+import contextlib
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import flags
+from absl import logging
+import numpy as np
+
+from bench import fixtures
+
+_RATE = re.compile(r'([\d.]+) env steps/s')
+_PROGRESS = re.compile(r'env_steps (\d+) .* episodes (\d+)')
+
+
+@contextlib.contextmanager
+def pinned_thread(cpus):
+  """Pins the calling thread (Linux affinity is per thread) while inside."""
+  before = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, cpus)
+  try:
+    yield
+  finally:
+    os.sched_setaffinity(0, before)
+
+
+def raw_env_costs(env_name, steps=1500, clock=time.perf_counter):
+  """Seconds per env.step and per reset, random actions, in this thread.
+
+  `clock`: time.perf_counter (wall) or time.thread_time (this thread's CPU,
+  which other processes on the core do not inflate).
+  """
+  from common import environments  # pylint: disable=g-import-not-at-top
+  env = environments.load_environment(env_name)
+  spec = env.action_spec()
+  rng = np.random.default_rng(0)
+  actions = [rng.uniform(spec.minimum, spec.maximum, spec.shape).astype(
+      spec.dtype) for _ in range(steps)]
+  env.reset()
+  for action in actions[:100]:  # Warm.
+    env.step(action)
+  step_s, reset_s, resets = 0.0, 0.0, 0
+  for action in actions:
+    start = clock()
+    last = env.step(action).is_last()
+    step_s += clock() - start
+    if last:
+      start = clock()
+      env.reset()
+      reset_s += clock() - start
+      resets += 1
+  for _ in range(max(0, 10 - resets)):  # Enough resets to time.
+    start = clock()
+    env.reset()
+    reset_s += clock() - start
+    resets += 1
+  return step_s / steps, reset_s / resets
+
+
+def raw_rate(costs, steps_per_episode=None):
+  """env steps/s of the raw loop for episodes of this length (None: no
+  resets)."""
+  step_s, reset_s = costs
+  if not steps_per_episode:
+    return 1 / step_s
+  return steps_per_episode / (steps_per_episode * step_s + reset_s)
+
+
+def collect_rate(cluster, env_name, address, actors, server_pid, rss=None,
+                 seconds=24.0, log_interval_s=3.0):
+  """Actors running together; their summed env steps/s and CPU use.
+
+  `actors` is a list of (cpus, extra flags), one per actor process.
+  """
+  names = []
+  for task, (cpus, extra) in enumerate(actors):
+    name = f'actor_{task}_of_{len(actors)}_{"_".join(extra) or "1_env"}'
+    name = re.sub(r'[^\w]+', '_', name.replace('--', ''))
+    cluster.start(name, 'actor', [
+        f'--env={env_name}', f'--replay_address={address}', f'--task={task}',
+        f'--num_actors={len(actors)}', '--initial_collect_steps=0',
+        '--max_train_steps=1000000000', f'--log_interval_s={log_interval_s}',
+        '--validate_env_episodes=0', f'--root_dir={cluster.log_dir}/{name}'] +
+                  list(extra), cpus=cpus)
+    names.append(name)
+  try:
+    for name in names:
+      cluster.wait_for_log(name, 'acting with weights', 180)
+    lines_before = {n: len(_RATE.findall(cluster.log(n))) for n in names}
+    meter = fixtures.CpuMeter(dict(
+        {n: cluster.procs[n].pid for n in names}, server=server_pid))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+      if rss is not None:
+        rss.sample({n: cluster.procs[n].pid for n in names})
+      time.sleep(1)
+    spent = meter.read()
+    waited = meter.waited()
+    rates, steps_per_episode = {}, {}
+    for n in names:
+      # Lines logged inside the window; the first one also covers time
+      # before it.
+      lines = [float(r) for r in _RATE.findall(cluster.log(n))]
+      steady = lines[lines_before[n] + 1:] or lines[-1:]
+      rates[n] = statistics.median(steady)
+      progress = _PROGRESS.findall(cluster.log(n))[lines_before[n]:]
+      steps = int(progress[-1][0]) - int(progress[0][0])
+      episodes = int(progress[-1][1]) - int(progress[0][1])
+      steps_per_episode[n] = round(steps / max(episodes, 1), 1)
+  finally:
+    for n in names:
+      if cluster.procs[n].poll() is None:
+        cluster.signal(n)
+    for n in names:
+      cluster.wait(n, 60)
+  return {
+      'env_steps_per_s': round(sum(rates.values()), 1),
+      'per_actor': [round(r, 1) for r in rates.values()],
+      'env_steps_per_episode': list(steps_per_episode.values()),
+      'actor_cores_busy': [round(spent[n] / spent['wall'], 2) for n in names],
+      'cpu_ms_per_env_step': [
+          round(1000 * spent[n] / spent['wall'] / rates[n], 3) for n in names],
+      'server_cores_busy': round(spent['server'] / spent['wall'], 3),
+      # Seconds per second that the actors' threads waited for a CPU: time
+      # other processes took from them (a disturbed measurement).
+      'actor_runqueue_wait_s_per_s': [
+          round(waited[n] / spent['wall'], 2) for n in names],
+  }
+
+
+def measure(env_name, workdir, rss=None, log=print, rounds=2,
+            with_4_envs=True):
+  """Raw env rate, 1 and 2 actors, 1 actor with 2 env processes; ratios."""
+  cpus = sorted(os.sched_getaffinity(0))
+  first, last = cpus[:1], cpus[-1:]
+  cluster = fixtures.PinnedCluster(workdir)
+  cases = {
+      '1_actor': [(first, [])],
+      '2_actors': [(first, []), (last, [])],
+      # Its main process and environment subprocesses may use both cores.
+      '1_actor_2_env_processes': [(cpus, ['--env_processes=2'])],
+  }
+  if with_4_envs:
+    cases['1_actor_4_envs'] = [(first, ['--envs_per_actor=4'])]
+  figures = {case: [] for case in cases}
+  raw, raw_cpu = [], []
+  try:
+    address = fixtures.replay_server(cluster, 'replay_server', env_name,
+                                     cpus=last)
+    server_pid = cluster.procs['replay_server'].pid
+    fixtures.push_weights(env_name, address)
+    for r in range(rounds):  # Alternating: drift on a shared machine hits all.
+      with pinned_thread(first):
+        raw.append(raw_env_costs(env_name))
+        raw_cpu.append(raw_env_costs(env_name, clock=time.thread_time))
+      log(f'round {r + 1}/{rounds} raw env on cpu {first}: '
+          f'{1000 * raw[-1][0]:.2f} ms per step, {1000 * raw[-1][1]:.0f} ms '
+          f'per reset (CPU: {1000 * raw_cpu[-1][0]:.2f}, '
+          f'{1000 * raw_cpu[-1][1]:.0f})')
+      for case, actors in cases.items():
+        f = collect_rate(cluster, env_name, address, actors, server_pid, rss)
+        log(f'round {r + 1}/{rounds} {case}: {f}')
+        figures[case].append(f)
+    if rss is not None:
+      rss.sample({'replay_server': server_pid})
+  finally:
+    cluster.stop_all()
+
+  def median_rate(case):
+    return statistics.median(f['env_steps_per_s'] for f in figures[case])
+
+  costs = (statistics.median(c[0] for c in raw),
+           statistics.median(c[1] for c in raw))
+  cpu_costs = (statistics.median(c[0] for c in raw_cpu),
+               statistics.median(c[1] for c in raw_cpu))
+
+  def steps_per_episode(case):
+    return statistics.median(e for f in figures[case]
+                             for e in f['env_steps_per_episode'])
+
+  one = median_rate('1_actor')
+  # The raw loop for the actor's own episodes: the untrained policy
+  # saturates its actions and Minitaur falls within tens of steps, so
+  # resets (about 100 ms each) weigh far more than with random actions.
+  reference = raw_rate(costs, steps_per_episode('1_actor'))
+  results = {
+      'placement': {
+          'replay_server_cpu': last[0], 'raw_env_loop_cpu': first[0],
+          '1_actor_cpus': first, '2_actors_cpus': [first, last],
+          '1_actor_2_env_processes_cpus': cpus},
+      'raw_env_ms_per_step': round(1000 * costs[0], 3),
+      'raw_env_ms_per_reset': round(1000 * costs[1], 1),
+      'raw_env_steps_per_s_no_resets': round(raw_rate(costs), 1),
+      'actor_env_steps_per_episode': steps_per_episode('1_actor'),
+      'raw_env_steps_per_s_at_actor_episodes': round(reference, 1),
+      'raw_env_cpu_ms_per_step': round(1000 * cpu_costs[0], 3),
+      'raw_env_cpu_ms_per_reset': round(1000 * cpu_costs[1], 1),
+      'rounds': figures,
+  }
+  for case in cases:
+    results[f'{case}_env_steps_per_s'] = round(median_rate(case), 1)
+  results['2_actors_over_1'] = round(median_rate('2_actors') / one, 3)
+  results['2_env_processes_over_1_actor'] = round(
+      median_rate('1_actor_2_env_processes') / one, 3)
+  results['actor_efficiency_pinned'] = round(one / reference, 3)
+  results['actor_efficiency_vs_raw_no_resets'] = round(one / raw_rate(costs),
+                                                       3)
+  # The same ratio in CPU time per env step (raw loop / actor process):
+  # what other processes on a shared machine took does not enter it.
+  actor_cpu_ms = statistics.median(f['cpu_ms_per_env_step'][0]
+                                   for f in figures['1_actor'])
+  results['actor_cpu_ms_per_env_step'] = actor_cpu_ms
+  results['actor_efficiency_cpu'] = round(
+      1000 / raw_rate(cpu_costs, steps_per_episode('1_actor')) / actor_cpu_ms,
+      3)
+  if with_4_envs:
+    results['actor_efficiency_4_envs_pinned'] = round(
+        median_rate('1_actor_4_envs') / raw_rate(
+            costs, steps_per_episode('1_actor_4_envs')), 3)
+  return results
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  start = time.perf_counter()
+  log = lambda text: print(f'[bench {time.perf_counter() - start:4.0f}s] '
+                           f'{text}', file=sys.stderr, flush=True)
+  results = measure(flags.FLAGS.bench_env, tempfile.mkdtemp(
+      prefix='sac-bench-collection-'), log=log, rounds=flags.FLAGS.rounds)
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_integer('rounds', 2, 'Rounds of all cases, alternating.')
+  process.run(main, 'bench.collection')

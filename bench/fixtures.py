@@ -1,0 +1,187 @@
+"""What the scale-out benchmarks start from: pinned processes, replay servers, items.
+
+A process is pinned by starting it under `taskset -c CPUS`: every thread it
+creates later (TensorFlow's pools, gRPC's, an actor's environment
+subprocesses) inherits the set, and TensorFlow sizes its pools to it. CPU time
+is read from /proc/PID/stat (utime + stime of all the process's threads), so
+"CPU seconds per batch" counts a process's own work exactly, whatever else
+runs on the machine.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, Iterable, List, Optional
+
+from absl import flags
+import numpy as np
+
+from tests.cluster import REPO_ROOT, Cluster, free_port
+
+BENCH_ENV = flags.DEFINE_string('bench_env', 'MinitaurBulletEnv-v0',
+                                'Environment to measure.')
+
+_TICKS_PER_S = os.sysconf('SC_CLK_TCK')
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+  """`taskset -c` syntax: '0' or '0,1'."""
+  return ','.join(str(c) for c in sorted(cpus))
+
+
+class PinnedCluster(Cluster):
+  """`tests.cluster.Cluster` whose processes may be pinned to CPUs."""
+
+  def start(self, name: str, module: str, args: List[str],
+            cpus: Optional[Iterable[int]] = None) -> subprocess.Popen:
+    if cpus is None:
+      return super().start(name, module, args)
+    path = os.path.join(self.log_dir, f'{name}.log')
+    log = open(path, 'ab')
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    # taskset execs the program: the pid is the program's own.
+    proc = subprocess.Popen(
+        ['taskset', '-c', cpu_list(cpus), sys.executable, '-m', module] +
+        list(args), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env=env, start_new_session=True)
+    self.procs[name] = proc
+    self._logs[name] = (path, log)
+    return proc
+
+
+def cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of a running process (all its threads)."""
+  with open(f'/proc/{pid}/stat') as f:
+    # The command name (field 2) may hold spaces; count from its ')'.
+    fields = f.read().rpartition(')')[2].split()
+  return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+  """Seconds the process's live threads waited for a CPU while runnable.
+
+  Time another process (another engineer's tests on a shared machine) took
+  from a pinned process shows up here, not in its CPU seconds.
+  """
+  total = 0
+  for task in os.listdir(f'/proc/{pid}/task'):
+    try:
+      with open(f'/proc/{pid}/task/{task}/schedstat') as f:
+        total += int(f.read().split()[1])
+    except OSError:
+      pass  # Exited meanwhile.
+  return total / 1e9
+
+
+def _children(pid: int) -> List[int]:
+  try:
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+      return [int(c) for c in f.read().split()]
+  except OSError:
+    return []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+  """CPU seconds of a process and its running descendants."""
+  total = 0.0
+  pending = [pid]
+  while pending:
+    p = pending.pop()
+    try:
+      total += cpu_seconds(p)
+    except OSError:
+      continue  # Exited meanwhile.
+    pending.extend(_children(p))
+  return total
+
+
+class CpuMeter:
+  """CPU seconds that each of some processes spent between two readings."""
+
+  def __init__(self, pids: Dict[str, int]):
+    self._pids = pids
+    self._start = self._read()
+    self._start_wait = self._wait()
+    self._wall = time.perf_counter()
+
+  def _read(self):
+    return {name: tree_cpu_seconds(pid) for name, pid in self._pids.items()}
+
+  def _wait(self):
+    return {name: runqueue_wait_seconds(pid)
+            for name, pid in self._pids.items()}
+
+  def read(self) -> Dict[str, float]:
+    """{name: CPU seconds}, plus 'wall' seconds, since this meter started."""
+    now = self._read()
+    spent = {name: now[name] - self._start[name] for name in now}
+    spent['wall'] = time.perf_counter() - self._wall
+    return spent
+
+  def waited(self) -> Dict[str, float]:
+    """{name: seconds its threads waited for a CPU} since this meter started."""
+    now = self._wait()
+    return {name: now[name] - self._start_wait[name] for name in now}
+
+
+def replay_server(cluster: Cluster, name: str, env_name: str,
+                  cpus: Optional[Iterable[int]] = None, extra=()) -> str:
+  """A replay server process that never blocks a sampler; its address."""
+  port = free_port()
+  cluster.start(name, 'replay_server', [
+      f'--env={env_name}', f'--port={port}', '--rate_limiter=min_size',
+      '--min_size_to_sample=1', '--replay_capacity=100000',
+      '--validate_env_episodes=0'] + list(extra), cpus=cpus)
+  cluster.wait_for_log(name, 'serving tables', 180)
+  return f'localhost:{port}'
+
+
+def fill(address: str, agent, items: int, table: Optional[str] = None) -> float:
+  """Writes `items` synthetic 2-step transitions as the actors' observer does.
+
+  Returns the items written per second.
+  """
+  # Imported here: a module that pins a process imports no TensorFlow first.
+  import reverb  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_agents.replay_buffers import reverb_utils  # pylint: disable=g-import-not-at-top
+  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  spec = agent.collect_data_spec
+  rng = np.random.default_rng(0)
+
+  def sample_step():
+    def one(s):
+      if s.dtype.is_integer:
+        return np.ones(s.shape, s.dtype.as_numpy_dtype)  # MID steps
+      return rng.standard_normal(s.shape).astype(s.dtype.as_numpy_dtype)
+    return tf.nest.map_structure(one, spec)
+
+  steps = [sample_step() for _ in range(64)]
+  observer = reverb_utils.ReverbAddTrajectoryObserver(
+      reverb.Client(address), table or config_lib.REPLAY_TABLE,
+      sequence_length=2, stride_length=config_lib.STRIDE_LENGTH)
+  start = time.perf_counter()
+  for i in range(items + 1):
+    observer(steps[i % len(steps)])
+  observer.flush()
+  rate = items / (time.perf_counter() - start)
+  observer.close()
+  return rate
+
+
+def push_weights(env_name: str, address: str):
+  """Pushes a fresh agent's policy weights once, as of train_step 1.
+
+  Returns that agent: its collect policy is the one the actors act with.
+  """
+  from common import agents  # pylint: disable=g-import-not-at-top
+  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from common import environments  # pylint: disable=g-import-not-at-top
+  from variable_container import VariableContainerClient  # pylint: disable=g-import-not-at-top
+  env = environments.load_environment(env_name)
+  agent = agents.create_agent(env, config_lib.SacConfig(), None, env_name)
+  variables = agents.shared_variables(agent, agent.train_step_counter)
+  agent.train_step_counter.assign(1)
+  VariableContainerClient(address, variables, 60).push(variables)
+  return agent

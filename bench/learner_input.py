@@ -1,0 +1,157 @@
+"""Learner train steps/s on batches from a live replay table vs. held in memory.
+
+The same TF-Agents Learner (the real SAC train step, batch 256, (256, 256)
+networks, 10 train steps per call) trains once on the learner's own input
+pipeline (`learner.dataset.experience_dataset`) and once on one batch
+repeated from memory; their ratio is the learner's input efficiency.
+
+Fair placement on a 2-core machine (`measure_pinned`): the replay server
+pinned to one core, and this measurement in a process of its own pinned to
+the other (`taskset -c`), so both learners get exactly one core and the
+pipeline's client work (receiving and unpacking items) is charged to the
+learner's core, as in a real learner. CPU seconds per train step are read
+for the server and the learner process.
+
+  python -m bench.learner_input --learner_input_of=HOST:PORT [--server_pid=N]
+"""
+
+from common import process  # Must precede TensorFlow imports.
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import flags
+from absl import logging
+
+from bench import fixtures
+
+flags.DEFINE_string('learner_input_of', '', 'Measure against this replay '
+                    'server, print one JSON line and exit.')
+flags.DEFINE_integer('server_pid', 0, 'The replay server\'s pid (its CPU '
+                     'seconds are read while the learner trains on it).')
+
+
+def _agent(env_name):
+  from common import agents  # pylint: disable=g-import-not-at-top
+  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from common import environments  # pylint: disable=g-import-not-at-top
+  env = environments.load_environment(env_name)
+  return agents.create_agent(env, config_lib.SacConfig(), None, env_name)
+
+
+def train_rate(learner, train_steps, iterations=10):
+  learner.run(iterations=iterations)  # Trace and warm up.
+  learner.run(iterations=iterations)
+  start = time.perf_counter()
+  for _ in range(train_steps // iterations):
+    learner.run(iterations=iterations)
+  return train_steps // iterations * iterations / (time.perf_counter() - start)
+
+
+def batches_per_s(dataset, seconds=10):
+  iterator = iter(dataset)
+  next(iterator)
+  start, batches = time.perf_counter(), 0
+  while time.perf_counter() - start < seconds:
+    next(iterator)
+    batches += 1
+  return batches / (time.perf_counter() - start)
+
+
+def live_dataset_fn(address, agent):
+  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from learner import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  return lambda: dataset_lib.experience_dataset(  # The learner's own pipeline.
+      address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+      config_lib.SacConfig().batch_size, 2)
+
+
+def _metered(learner, train_steps, meter):
+  """(train steps/s, {process: CPU ms per train step} or None)."""
+  if meter is None:
+    return train_rate(learner, train_steps), None
+  m = meter()
+  start = time.perf_counter()
+  rate = train_rate(learner, train_steps)
+  spent = m.read()
+  steps = rate * (time.perf_counter() - start)  # Counts the 2 warm-up calls.
+  return rate, {name: round(1000 * seconds / steps, 2)
+                for name, seconds in spent.items() if name != 'wall'}
+
+
+def learner_rates(env_name, address, workdir, train_steps=600, meter=None):
+  """Train steps/s from the live table and from one batch in memory.
+
+  Returns (live rate, memory rate, live CPU, memory CPU); with `meter` (a
+  callable returning a fresh `fixtures.CpuMeter`), each CPU is {process: CPU
+  ms per train step}, else None.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_agents.train import learner as tfa_learner  # pylint: disable=g-import-not-at-top
+  agent = _agent(env_name)
+  live_dataset = live_dataset_fn(address, agent)
+  live = tfa_learner.Learner(os.path.join(workdir, 'live'),
+                             agent.train_step_counter, agent, live_dataset,
+                             checkpoint_interval=-1, summary_interval=0)
+  live.run(iterations=10)  # Trace outside the metered window.
+  live_rate, live_cpu = _metered(live, train_steps, meter)
+
+  batch = next(iter(live_dataset()))
+  agent2 = _agent(env_name)
+  memory = tfa_learner.Learner(
+      os.path.join(workdir, 'memory'), agent2.train_step_counter, agent2,
+      lambda: tf.data.Dataset.from_tensors(batch).repeat(),
+      checkpoint_interval=-1, summary_interval=0)
+  memory.run(iterations=10)
+  memory_rate, memory_cpu = _metered(memory, train_steps, meter)
+  return live_rate, memory_rate, live_cpu, memory_cpu
+
+
+def _measure_here(env_name, address, server_pid):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  pids = {'learner': os.getpid()}
+  if server_pid:
+    pids['server'] = server_pid
+  live, memory, live_cpu, memory_cpu = learner_rates(
+      env_name, address, tempfile.mkdtemp(prefix='sac-bench-learner-'),
+      meter=lambda: fixtures.CpuMeter(pids))
+  return {'train_steps_per_s_live_table': round(live, 1),
+          'train_steps_per_s_in_memory': round(memory, 1),
+          'input_efficiency': round(live / memory, 3),
+          'cpu_ms_per_train_step_live': live_cpu,
+          'cpu_ms_per_train_step_in_memory': memory_cpu}
+
+
+def measure_pinned(env_name, address, server_pid, cpus, preload=None):
+  """`learner_rates` in a process pinned to `cpus`; its figures.
+
+  `preload`: a shared library for LD_PRELOAD (another malloc) of that process.
+  """
+  env = dict(os.environ)
+  if preload:
+    env['LD_PRELOAD'] = preload
+  out = subprocess.run(
+      ['taskset', '-c', fixtures.cpu_list(cpus), sys.executable, '-m',
+       'bench.learner_input', f'--bench_env={env_name}',
+       f'--learner_input_of={address}', f'--server_pid={server_pid}'],
+      cwd=fixtures.REPO_ROOT, capture_output=True, text=True, env=env,
+      check=False)
+  if out.returncode:
+    raise RuntimeError(f'learner measurement failed:\n{out.stderr[-3000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS.learner_input_of:
+    raise SystemExit('--learner_input_of=HOST:PORT is required')
+  print(json.dumps(_measure_here(fixtures.BENCH_ENV.value,
+                                 flags.FLAGS.learner_input_of,
+                                 flags.FLAGS.server_pid)))
+
+
+if __name__ == '__main__':
+  process.run(main, 'bench.learner_input')
