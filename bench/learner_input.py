@@ -30,6 +30,8 @@ from bench import fixtures
 
 flags.DEFINE_string('learner_input_of', '', 'Measure against this replay '
                     'server, print one JSON line and exit.')
+flags.DEFINE_string('learner_pipeline', '{}', 'JSON of pipeline knobs (see '
+                    'bench.replay_shards); {}: the learner\'s own pipeline.')
 flags.DEFINE_integer('server_pid', 0, 'The replay server\'s pid (its CPU '
                      'seconds are read while the learner trains on it).')
 
@@ -61,10 +63,16 @@ def batches_per_s(dataset, seconds=10):
   return batches / (time.perf_counter() - start)
 
 
-def live_dataset_fn(address, agent):
+def live_dataset_fn(address, agent, knobs=None):
+  """The learner's own pipeline; with `knobs`, bench.replay_shards' copy of
+  it with those Reverb settings."""
   from common import config as config_lib  # pylint: disable=g-import-not-at-top
   from learner import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
-  return lambda: dataset_lib.experience_dataset(  # The learner's own pipeline.
+  if knobs:
+    from bench import replay_shards  # pylint: disable=g-import-not-at-top
+    return lambda: replay_shards.pipeline([address], agent.collect_data_spec,
+                                          knobs)
+  return lambda: dataset_lib.experience_dataset(
       address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
       config_lib.SacConfig().batch_size, 2)
 
@@ -82,7 +90,8 @@ def _metered(learner, train_steps, meter):
                 for name, seconds in spent.items() if name != 'wall'}
 
 
-def learner_rates(env_name, address, workdir, train_steps=600, meter=None):
+def learner_rates(env_name, address, workdir, train_steps=600, meter=None,
+                  knobs=None):
   """Train steps/s from the live table and from one batch in memory.
 
   Returns (live rate, memory rate, live CPU, memory CPU); with `meter` (a
@@ -92,7 +101,7 @@ def learner_rates(env_name, address, workdir, train_steps=600, meter=None):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_agents.train import learner as tfa_learner  # pylint: disable=g-import-not-at-top
   agent = _agent(env_name)
-  live_dataset = live_dataset_fn(address, agent)
+  live_dataset = live_dataset_fn(address, agent, knobs)
   live = tfa_learner.Learner(os.path.join(workdir, 'live'),
                              agent.train_step_counter, agent, live_dataset,
                              checkpoint_interval=-1, summary_interval=0)
@@ -110,14 +119,14 @@ def learner_rates(env_name, address, workdir, train_steps=600, meter=None):
   return live_rate, memory_rate, live_cpu, memory_cpu
 
 
-def _measure_here(env_name, address, server_pid):
+def _measure_here(env_name, address, server_pid, knobs):
   import tempfile  # pylint: disable=g-import-not-at-top
   pids = {'learner': os.getpid()}
   if server_pid:
     pids['server'] = server_pid
   live, memory, live_cpu, memory_cpu = learner_rates(
       env_name, address, tempfile.mkdtemp(prefix='sac-bench-learner-'),
-      meter=lambda: fixtures.CpuMeter(pids))
+      meter=lambda: fixtures.CpuMeter(pids), knobs=knobs)
   return {'train_steps_per_s_live_table': round(live, 1),
           'train_steps_per_s_in_memory': round(memory, 1),
           'input_efficiency': round(live / memory, 3),
@@ -125,18 +134,21 @@ def _measure_here(env_name, address, server_pid):
           'cpu_ms_per_train_step_in_memory': memory_cpu}
 
 
-def measure_pinned(env_name, address, server_pid, cpus, preload=None):
+def measure_pinned(env_name, address, server_pid, cpus, variant=None):
   """`learner_rates` in a process pinned to `cpus`; its figures.
 
-  `preload`: a shared library for LD_PRELOAD (another malloc) of that process.
+  `variant`: (pipeline knobs, a shared library to LD_PRELOAD or None), one
+  of `bench.replay_shards.variants()`.
   """
+  knobs, preload = variant or ({}, None)
   env = dict(os.environ)
   if preload:
     env['LD_PRELOAD'] = preload
   out = subprocess.run(
       ['taskset', '-c', fixtures.cpu_list(cpus), sys.executable, '-m',
        'bench.learner_input', f'--bench_env={env_name}',
-       f'--learner_input_of={address}', f'--server_pid={server_pid}'],
+       f'--learner_input_of={address}', f'--server_pid={server_pid}',
+       f'--learner_pipeline={json.dumps(knobs)}'],
       cwd=fixtures.REPO_ROOT, capture_output=True, text=True, env=env,
       check=False)
   if out.returncode:
@@ -150,7 +162,8 @@ def main(_):
     raise SystemExit('--learner_input_of=HOST:PORT is required')
   print(json.dumps(_measure_here(fixtures.BENCH_ENV.value,
                                  flags.FLAGS.learner_input_of,
-                                 flags.FLAGS.server_pid)))
+                                 flags.FLAGS.server_pid,
+                                 json.loads(flags.FLAGS.learner_pipeline))))
 
 
 if __name__ == '__main__':

@@ -243,15 +243,16 @@ def main(_):
     r = replay_shards.measure_on(env_name, shards, pids,
                                  log=lambda text: report('replay_shards', text))
     report('replay_shards', r)
-    learner_runs = {'default': []}
-    if os.path.exists(replay_shards.JEMALLOC):
-      learner_runs['jemalloc'] = []
-    for _ in range(2):  # Alternating.
-      for name, runs in learner_runs.items():
-        runs.append(learner_input.measure_pinned(
-            env_name, shards[0], pids[0], cpus[:1],
-            preload=replay_shards.JEMALLOC if name == 'jemalloc' else None))
-        report('learner_input_pinned', f'{name}: {runs[-1]}')
+    # Alternating; the default pipeline and the recommended one twice.
+    order = ['default', 'recommended', 'default', 'recommended'] + [
+        name for name in replay_shards.variants()
+        if name not in ('default', 'recommended')]
+    learner_runs = {name: [] for name in order}
+    for name in order:
+      learner_runs[name].append(learner_input.measure_pinned(
+          env_name, shards[0], pids[0], cpus[:1],
+          replay_shards.variants()[name]))
+      report('learner_input_pinned', f'{name}: {learner_runs[name][-1]}')
     pinned = {name: max(runs, key=lambda f: f['input_efficiency'])
               for name, runs in learner_runs.items()}
     report('learner_input_pinned', pinned)
@@ -263,9 +264,10 @@ def main(_):
     report('learner_train_steps_per_s_in_memory',
            default['train_steps_per_s_in_memory'])
     report('learner_input_efficiency', default['input_efficiency'])
-    if 'jemalloc' in pinned:
-      report('learner_input_efficiency_jemalloc',
-             pinned['jemalloc']['input_efficiency'])
+    for name, figures in pinned.items():
+      if name != 'default':
+        report(f'learner_input_efficiency_{name}',
+               figures['input_efficiency'])
   finally:
     shard_cluster.stop_all()
 
