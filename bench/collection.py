@@ -12,11 +12,13 @@ its core to itself; with 2 actors the second actor shares its core with the
 server (about 800 inserts/s and the weight pulls: the CPU share it takes is
 reported as `server_cores_busy`). The raw `env.step` loop that the actor's
 efficiency divides by runs in this process's main thread pinned to the
-actor's core, the server idle on the other. It times env.step and reset
-apart, and the reference rate is that of episodes as long as the actor's
-(the pushed, untrained policy saturates its actions and Minitaur falls
-within tens of steps, while random actions walk for hundreds: with about
-0.1 s per reset, the same loop would otherwise compare unlike work).
+actor's core, the server idle on the other, on the environment wrapped as
+the actors' is (their --preset=auto: for Minitaur --action_repeat=4, one
+env step = 4 simulator steps). It times env.step and reset apart, and the
+reference rate is that of episodes as long as the actor's (the pushed,
+untrained policy saturates its actions and Minitaur falls within tens of
+steps, while random actions walk for hundreds: with about 60 ms per reset,
+the same loop would otherwise compare unlike work).
 
   python -m bench.collection              # also part of `make bench`
 """
@@ -53,14 +55,29 @@ def pinned_thread(cpus):
     os.sched_setaffinity(0, before)
 
 
+def actor_env_options(env_name):
+  """The wrappers an actor started with no flags but --env puts on it: its
+  --preset=auto's (Minitaur: --action_repeat=4, so one env step of an actor
+  is 4 simulator steps)."""
+  from common import environments  # pylint: disable=g-import-not-at-top
+  from common import presets  # pylint: disable=g-import-not-at-top
+  name = presets.resolve('auto', env_name)
+  values = presets.read(name) if name else {}
+  return environments.EnvOptions(
+      max_episode_steps=int(values.get('max_episode_steps', 0)),
+      action_repeat=int(values.get('action_repeat', 1)))
+
+
 def raw_env_costs(env_name, steps=1500, clock=time.perf_counter):
   """Seconds per env.step and per reset, random actions, in this thread.
 
+  The environment is wrapped as the actors' is (`actor_env_options`).
   `clock`: time.perf_counter (wall) or time.thread_time (this thread's CPU,
   which other processes on the core do not inflate).
   """
   from common import environments  # pylint: disable=g-import-not-at-top
-  env = environments.load_environment(env_name)
+  env = environments.load_environment(env_name,
+                                      options=actor_env_options(env_name))
   spec = env.action_spec()
   rng = np.random.default_rng(0)
   actions = [rng.uniform(spec.minimum, spec.maximum, spec.shape).astype(
@@ -217,6 +234,7 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
           'replay_server_cpu': last[0], 'raw_env_loop_cpu': first[0],
           '1_actor_cpus': first, '2_actors_cpus': [first, last],
           '1_actor_2_env_processes_cpus': cpus},
+      'raw_env_action_repeat': actor_env_options(env_name).action_repeat,
       'raw_env_ms_per_step': round(1000 * costs[0], 3),
       'raw_env_ms_per_reset': round(1000 * costs[1], 1),
       'raw_env_steps_per_s_no_resets': round(raw_rate(costs), 1),

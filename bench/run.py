@@ -191,6 +191,12 @@ def distributed_run(workdir, env_name, num_actors, initial_steps, train_steps,
   return total_s, train_steps / train_rate, train_rate
 
 
+def _write(results):
+  os.makedirs(os.path.dirname(OUT.value) or '.', exist_ok=True)
+  with open(OUT.value, 'w') as f:
+    json.dump(results, f, indent=2)
+
+
 def main(_):
   logging.set_verbosity(logging.WARNING)
   env_name = BENCH_ENV.value
@@ -203,6 +209,7 @@ def main(_):
   def report(key, value):
     if not isinstance(value, str):  # A string is progress, not a figure.
       results[key] = value
+      _write(results)  # As it goes: a late failure keeps what was measured.
     print(f'[bench {time.perf_counter() - t0:5.0f}s] {key}: {value}',
           file=sys.stderr, flush=True)
 
@@ -212,7 +219,7 @@ def main(_):
   report('collection_placement', c['placement'])
   report('collection_rounds', c['rounds'])
   rate = c['1_actor_env_steps_per_s']
-  for key in ('raw_env_ms_per_step', 'raw_env_ms_per_reset',
+  for key in ('raw_env_action_repeat', 'raw_env_ms_per_step', 'raw_env_ms_per_reset',
               'actor_env_steps_per_episode',
               'raw_env_steps_per_s_at_actor_episodes',
               'actor_efficiency_vs_raw_no_resets', 'raw_env_cpu_ms_per_step',
@@ -237,7 +244,6 @@ def main(_):
   # on the first.
   cpus = sorted(os.sched_getaffinity(0))
   shard_cluster = fixtures.PinnedCluster(os.path.join(workdir, 'shards'))
-  os.makedirs(shard_cluster.log_dir, exist_ok=True)
   try:
     shards, pids = replay_shards.start_shards(shard_cluster, env_name)
     r = replay_shards.measure_on(env_name, shards, pids,
@@ -321,14 +327,13 @@ def main(_):
             loop_s / train_s, 2)})
   # Prioritized replay's cost to the learner (issue: at most 15 % slower).
   from bench import prioritized  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(workdir, 'prioritized'))
   for key, value in prioritized.measure(
       env_name, os.path.join(workdir, 'prioritized')).items():
     report(key, value)
   report('peak_rss_mb', rss.peak)
   report('bench_seconds', round(time.perf_counter() - t0, 1))
-  os.makedirs(os.path.dirname(OUT.value) or '.', exist_ok=True)
-  with open(OUT.value, 'w') as f:
-    json.dump(results, f, indent=2)
+  _write(results)
   print(json.dumps(results, indent=2))
 
 
