@@ -224,9 +224,12 @@ def main(_):
               'raw_env_steps_per_s_at_actor_episodes',
               'actor_efficiency_vs_raw_no_resets', 'raw_env_cpu_ms_per_step',
               'raw_env_cpu_ms_per_reset', 'actor_cpu_ms_per_env_step',
-              'actor_efficiency_cpu'):
+              'actor_efficiency_wall'):
     report(key, c[key])
-  report('raw_env_steps_per_s', c['raw_env_steps_per_s_no_resets'])
+  # Simulator steps/s without resets, as this figure was before the actors'
+  # action repeat entered the reference (one actor env step = that many).
+  report('raw_env_steps_per_s', round(
+      c['raw_env_steps_per_s_no_resets'] * c['raw_env_action_repeat'], 1))
   report('actor_env_steps_per_s', rate)
   report('actor_efficiency', c['actor_efficiency_pinned'])
   report('actor_env_steps_per_s_4_envs', c['1_actor_4_envs_env_steps_per_s'])
