@@ -189,7 +189,7 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
                                   task)
     if share and not weights_step:
       logging.info('%s: random initial collect of %d steps', who, share)
-      act = collector_lib.random_act(env.action_spec(), n,
+      act = collector_lib.random_act(env.action_spec(),
                                      seed=_policy_seed(s.seed, task))
       while collector.env_steps < share and not done():
         collector.run(act, min(share, s.pull_interval_steps))

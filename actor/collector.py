@@ -10,7 +10,7 @@ boundaries) and does only what it must per step.
 """
 
 import collections
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -38,11 +38,11 @@ def numpy_act(policy) -> Act:
   return lambda time_steps: (policy(_observations(time_steps)), ())
 
 
-def random_act(action_spec, batch_size: int, seed=None) -> Act:
+def random_act(action_spec, seed=None) -> Act:
   """Uniform random actions, as TF-Agents' `RandomPyPolicy` samples them."""
   rng = np.random.RandomState(seed)
   return lambda time_steps: (array_spec.sample_spec_nest(
-      action_spec, rng, outer_dims=(batch_size,)), ())
+      action_spec, rng, outer_dims=(len(time_steps),)), ())
 
 
 def tf_act(policy) -> Act:
@@ -58,6 +58,14 @@ def tf_act(policy) -> Act:
             tf.nest.map_structure(to_numpy, step.info))
 
   return act
+
+
+def _slice(batch, start, stop):
+  if isinstance(batch, np.ndarray):
+    return batch[start:stop]
+  if batch == ():  # pylint: disable=g-explicit-bool-comparison
+    return ()
+  return tf.nest.map_structure(lambda x: x[start:stop], batch)
 
 
 def _item(batch, i):
@@ -112,11 +120,16 @@ class EpisodeStats:
 
 
 class Collector:
-  """Steps a batch of environments and writes environment i's trajectories
-  with `observers[i]`.
+  """Steps environments and writes environment i's trajectories with
+  `observers[i]`.
 
-  Keeps the current time steps between `run` calls, as TF-Agents' `Actor`
-  does; `reset()` starts new episodes.
+  `envs` comes in groups (one per environment subprocess; one group in
+  process) that step independently: a group's next actions are computed and
+  sent as soon as its time steps arrive, one policy call for all groups
+  that are ready together, so a subprocess that resets (Minitaur: ~25 env
+  steps' time) holds up no other. Its trajectories are written while it
+  steps. Keeps the current time steps and the actions in flight between
+  `run` calls, as TF-Agents' `Actor` keeps its time step.
   """
 
   def __init__(self, envs, observers: Sequence[Callable]):
@@ -125,41 +138,71 @@ class Collector:
                        'environments')
     self._envs = envs
     self._observers = list(observers)
-    self._time_steps = None
+    self._time_steps = None  # Per environment.
+    self._in_flight = {}  # group -> (actions, infos) being stepped.
     self.env_steps = 0  # Without boundaries, as TF-Agents counts them.
 
   def reset(self) -> None:
-    self._time_steps = self._envs.reset()
+    """New episodes from the next `run` on (actions in flight are dropped)."""
+    for group in list(self._in_flight):
+      self._envs.receive(group)
+    self._in_flight.clear()
+    self._time_steps = None
+
+  def _send(self, act: Act, groups: Sequence[int]) -> None:
+    envs = self._envs
+    time_steps = [self._time_steps[i] for g in groups
+                  for i in envs.group_indices(g)]
+    actions, infos = act(time_steps)
+    start = 0
+    for g in groups:
+      size = len(envs.group_indices(g))
+      part = (_slice(actions, start, start + size),
+              _slice(infos, start, start + size))
+      envs.send(g, part[0])
+      self._in_flight[g] = part
+      start += size
 
   def run(self, act: Act, max_steps: int, stats: EpisodeStats = None) -> int:
     """At least `max_steps` env steps (all environments), as `PyDriver`."""
+    envs = self._envs
     if self._time_steps is None:
-      self.reset()
+      self._time_steps = envs.reset()
+      self._send(act, range(envs.num_groups))
     time_steps = self._time_steps
     observers = self._observers
-    from_transition = trajectory.Trajectory
     steps = 0
     while steps < max_steps:
-      actions, infos = act(time_steps)
-      next_steps: List[ts.TimeStep] = self._envs.step(actions)
-      for i, observer in enumerate(observers):
-        time_step, next_step = time_steps[i], next_steps[i]
-        # trajectory.from_transition, without its PolicyStep.
-        observer(from_transition(
-            step_type=time_step.step_type,
-            observation=time_step.observation,
-            action=_item(actions, i),
-            policy_info=_item(infos, i),
-            next_step_type=next_step.step_type,
-            reward=next_step.reward,
-            discount=next_step.discount))
-        if time_step.step_type != _LAST:
-          steps += 1
-        if stats is not None:
-          stats.observe(i, time_step.step_type, next_step.reward,
-                        next_step.step_type)
-      time_steps = next_steps
-    self._time_steps = time_steps
+      ready = envs.wait()
+      done = [(g, envs.receive(g), self._in_flight.pop(g)) for g in ready]
+      # What they just did, against the time steps they started from.
+      previous = []
+      for g, next_steps, _ in done:
+        for i, next_step in zip(envs.group_indices(g), next_steps):
+          previous.append(time_steps[i])
+          time_steps[i] = next_step
+      # Their next actions first: the subprocesses step while we write.
+      self._send(act, ready)
+      k = 0
+      for g, next_steps, (actions, infos) in done:
+        for j, (i, next_step) in enumerate(zip(envs.group_indices(g),
+                                               next_steps)):
+          time_step = previous[k]
+          k += 1
+          # trajectory.from_transition, without its PolicyStep.
+          observers[i](trajectory.Trajectory(
+              step_type=time_step.step_type,
+              observation=time_step.observation,
+              action=_item(actions, j),
+              policy_info=_item(infos, j),
+              next_step_type=next_step.step_type,
+              reward=next_step.reward,
+              discount=next_step.discount))
+          if time_step.step_type != _LAST:
+            steps += 1
+          if stats is not None:
+            stats.observe(i, time_step.step_type, next_step.reward,
+                          next_step.step_type)
     self.env_steps += steps
     return steps
 

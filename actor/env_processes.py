@@ -1,10 +1,12 @@
 """An actor's environments, stepped together: in its own process or in subprocesses.
 
-Both classes step a batch of environments with one batch of actions and
-return one `TimeStep` per environment (each environment auto-resets after
-its LAST step, as TF-Agents' `PyEnvironment` does). `EnvironmentProcesses`
-runs them in K subprocesses (each stepping its share in turn), so one actor
-with one batched policy call can keep several cores busy.
+Both classes hold environments in groups that step independently: `send`
+a group's actions, `wait` for groups that have finished, `receive` their
+time steps (one per environment; each environment auto-resets after its
+LAST step, as TF-Agents' `PyEnvironment` does). `InProcessEnvironments` is
+one group, stepped in `receive`. `EnvironmentProcesses` runs one group per
+subprocess (each stepping its environments in turn), so one actor with one
+policy can keep several cores busy.
 
 The subprocesses are started with 'spawn' (the actor has TensorFlow loaded,
 which does not survive a fork), ignore SIGINT and SIGTERM (the actor stops
@@ -15,6 +17,7 @@ it.
 """
 
 import multiprocessing
+from multiprocessing import connection
 import os
 import signal
 from typing import List, Sequence
@@ -50,6 +53,9 @@ class InProcessEnvironments:
                options: environments.EnvOptions):
     self._envs = _load(env_name, seeds, options)
     self.batch_size = len(self._envs)
+    self.num_groups = 1
+    self._indices = list(range(self.batch_size))
+    self._actions = None
 
   def time_step_spec(self):
     return self._envs[0].time_step_spec()
@@ -63,7 +69,20 @@ class InProcessEnvironments:
   def reset(self) -> List:
     return [env.reset() for env in self._envs]
 
-  def step(self, actions) -> List:
+  def group_indices(self, group: int) -> List[int]:
+    del group
+    return self._indices
+
+  def send(self, group: int, actions) -> None:
+    del group
+    self._actions = actions
+
+  def wait(self) -> List[int]:
+    return [0]
+
+  def receive(self, group: int) -> List:
+    del group
+    actions, self._actions = self._actions, None
     return [env.step(_action(actions, i)) for i, env in enumerate(self._envs)]
 
   @property
@@ -170,7 +189,12 @@ class EnvironmentProcesses:
       raise
     self._time_step_spec, self._observation_spec, self._action_spec = specs[0]
     self.batch_size = sum(self._sizes)
-    self._offsets = np.cumsum([0] + self._sizes)
+    self.num_groups = len(self._conns)
+    offsets = np.cumsum([0] + self._sizes)
+    self._indices = [list(range(offsets[k], offsets[k + 1]))
+                     for k in range(self.num_groups)]
+    self._pending = set()
+    self._group_of = {conn: k for k, conn in enumerate(self._conns)}
 
   @property
   def pids(self) -> List[int]:
@@ -204,32 +228,36 @@ class EnvironmentProcesses:
                       f'expected {expected!r}')
     return payload
 
-  def _gather(self) -> List:
-    time_steps = []
-    for k in range(len(self._conns)):
-      steps, self._episodes[k], self._resets[k] = self._receive(k, 'ok')
-      time_steps.extend(steps)
-    return time_steps
+  def group_indices(self, group: int) -> List[int]:
+    """The batch positions of subprocess `group`'s environments."""
+    return self._indices[group]
 
   def reset(self) -> List:
     for conn in self._conns:
       conn.send(('reset', None))
-    return self._gather()
+    time_steps = []
+    for k in range(self.num_groups):
+      steps, self._episodes[k], self._resets[k] = self._receive(k, 'ok')
+      time_steps.extend(steps)
+    return time_steps
 
-  def step(self, actions) -> List:
-    offsets = self._offsets
-    for k, conn in enumerate(self._conns):
-      if isinstance(actions, np.ndarray):
-        part = actions[offsets[k]:offsets[k + 1]]
-      else:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-        part = tf.nest.map_structure(
-            lambda a, k=k: a[offsets[k]:offsets[k + 1]], actions)
-      try:
-        conn.send(('step', part))
-      except (OSError, BrokenPipeError):
-        self._receive(k, 'ok')  # Raises with the subprocess's own reason.
-    return self._gather()
+  def send(self, group: int, actions) -> None:
+    try:
+      self._conns[group].send(('step', actions))
+    except (OSError, BrokenPipeError):
+      self._receive(group, 'ok')  # Raises with the subprocess's own reason.
+    self._pending.add(group)
+
+  def wait(self) -> List[int]:
+    """The subprocesses that have finished stepping (at least one)."""
+    ready = connection.wait([self._conns[k] for k in self._pending])
+    return sorted(self._group_of[conn] for conn in ready)
+
+  def receive(self, group: int) -> List:
+    self._pending.discard(group)
+    steps, self._episodes[group], self._resets[group] = self._receive(
+        group, 'ok')
+    return steps
 
   @property
   def episodes(self) -> int:
@@ -247,8 +275,9 @@ class EnvironmentProcesses:
     for conn in self._conns:
       try:
         conn.send(('close', None))
-        if conn.poll(10):
-          conn.recv()
+        # A step in flight answers first.
+        while conn.poll(10) and conn.recv()[0] not in ('closed', 'error'):
+          pass
       except (EOFError, OSError):
         pass
       conn.close()

@@ -425,3 +425,61 @@ def test_env_failing_in_subprocess_is_one_line(cluster, tmp_path):
   assert re.search(r'actor: error: environment in subprocess \d failed: '
                    r'RuntimeError: the simulator exploded', log), log[-3000:]
   assert 'Traceback' not in log
+
+
+class _StepPolicy:
+  """Acts with observation[2] / 10 (the step): actions say when they were
+  chosen."""
+
+  def __call__(self, time_steps):
+    return np.array([[t.observation[2] / 10] for t in time_steps],
+                    np.float32), ()
+
+
+def test_collector_writes_what_tf_agents_driver_writes():
+  """Per environment, the trajectories of TF-Agents' PyDriver, in process
+  and with environments in subprocesses (boundaries included)."""
+  from tf_agents.drivers import py_driver  # pylint: disable=g-import-not-at-top
+  from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
+  from tf_agents.policies import py_policy  # pylint: disable=g-import-not-at-top
+  from tf_agents.trajectories import policy_step  # pylint: disable=g-import-not-at-top
+  from actor import collector as collector_lib  # pylint: disable=g-import-not-at-top
+  from actor import env_processes  # pylint: disable=g-import-not-at-top
+
+  class StepPyPolicy(py_policy.PyPolicy):
+
+    def _action(self, time_step, policy_state):
+      return policy_step.PolicyStep(
+          np.array([time_step.observation[2] / 10], np.float32), (), ())
+
+  name = 'tests.test_lean_actor:who_env'
+  options = environments.EnvOptions()
+  steps = 45  # Four episodes of ten steps and their boundaries, and more.
+  expected = []
+  for seed in range(4):
+    env = wrappers.RunStats(environments.load_environment(name, seed=seed))
+    written = []
+    py_driver.PyDriver(env, StepPyPolicy(env.time_step_spec(),
+                                         env.action_spec()),
+                       [written.append], max_steps=steps).run(env.reset())
+    expected.append(written)
+
+  def without_pid(t):
+    return t._replace(observation=t.observation[1:])
+
+  for envs in (env_processes.InProcessEnvironments(name, range(4), options),
+               env_processes.EnvironmentProcesses(name, [[0, 1], [2, 3]],
+                                                  options)):
+    try:
+      written = [[] for _ in range(4)]
+      collector = collector_lib.Collector(envs, [w.append for w in written])
+      collector.run(_StepPolicy(), 4 * steps)
+      for ours, theirs in zip(written, expected):
+        # Subprocesses step independently: some may be a step or two ahead.
+        assert len(ours) >= 40
+        for a, b in zip(ours, theirs):
+          tf.nest.map_structure(np.testing.assert_array_equal,
+                                without_pid(a), without_pid(b))
+      assert envs.episodes >= 16
+    finally:
+      envs.close()
