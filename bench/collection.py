@@ -180,6 +180,17 @@ def collect_rate(cluster, env_name, address, actors, server_pid, rss=None,
   }
 
 
+# Seconds per second an actor's threads may wait for a CPU in a round that
+# counts as undisturbed: about 0.05 alone on its core, 0.15-0.3 for an actor
+# with env subprocesses (its own processes and the server share the cores),
+# 0.35-0.65 when another process is pinned to the same core.
+MAX_RUNQUEUE_WAIT = 0.3
+
+
+def _undisturbed(figures):
+  return max(figures['actor_runqueue_wait_s_per_s']) <= MAX_RUNQUEUE_WAIT
+
+
 def measure(env_name, workdir, rss=None, log=print, rounds=2,
             with_4_envs=True):
   """Raw env rate, 1 and 2 actors, 1 actor with 2 env processes; ratios."""
@@ -212,6 +223,16 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
       for case, actors in cases.items():
         f = collect_rate(cluster, env_name, address, actors, server_pid, rss)
         log(f'round {r + 1}/{rounds} {case}: {f}')
+        figures[case].append(f)
+    # A case whose every round lost CPU to other processes (another
+    # engineer's benchmark pinned to the same core) gets up to 2 more.
+    for case, actors in cases.items():
+      for extra in range(2):
+        if any(_undisturbed(f) for f in figures[case]):
+          break
+        f = collect_rate(cluster, env_name, address, actors, server_pid, rss)
+        log(f'extra round {extra + 1} {case} (the others were disturbed): '
+            f'{f}')
         figures[case].append(f)
     if rss is not None:
       rss.sample({'replay_server': server_pid})
