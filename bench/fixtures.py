@@ -33,6 +33,10 @@ def cpu_list(cpus: Iterable[int]) -> str:
 class PinnedCluster(Cluster):
   """`tests.cluster.Cluster` whose processes may be pinned to CPUs."""
 
+  def __init__(self, log_dir: str):
+    os.makedirs(log_dir, exist_ok=True)
+    super().__init__(log_dir)
+
   def start(self, name: str, module: str, args: List[str],
             cpus: Optional[Iterable[int]] = None) -> subprocess.Popen:
     if cpus is None:
