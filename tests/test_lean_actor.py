@@ -473,10 +473,10 @@ def test_collector_writes_what_tf_agents_driver_writes():
     try:
       written = [[] for _ in range(4)]
       collector = collector_lib.Collector(envs, [w.append for w in written])
-      collector.run(_StepPolicy(), 4 * steps)
+      # Subprocesses step independently: some may be ahead of others.
+      while min(len(w) for w in written) < len(expected[0]):
+        collector.run(_StepPolicy(), 1)
       for ours, theirs in zip(written, expected):
-        # Subprocesses step independently: some may be a step or two ahead.
-        assert len(ours) >= 40
         for a, b in zip(ours, theirs):
           tf.nest.map_structure(np.testing.assert_array_equal,
                                 without_pid(a), without_pid(b))
