@@ -42,6 +42,13 @@ def _cases(address, port, tmp):
       'unreachable address': (
           'learner', ok + [f'--replay_address=localhost:{free_port()}'],
           'did not answer within 3s'),
+      'replay shard named twice': (
+          'learner', ok + [f'--replay_address={address},{address}'],
+          'names a server twice'),
+      'replay shard unreachable': (
+          'actor', ok + [f'--replay_address={address},localhost:{free_port()}',
+                         '--task=1'],
+          'did not answer within 3s'),
       'malformed address': (
           'actor', ok + ['--replay_address=localhost'], 'is not host:port'),
       'port already in use': (
