@@ -8,6 +8,7 @@ is read from /proc/PID/stat (utime + stime of all the process's threads), so
 runs on the machine.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,24 @@ _TICKS_PER_S = os.sysconf('SC_CLK_TCK')
 def cpu_list(cpus: Iterable[int]) -> str:
   """`taskset -c` syntax: '0' or '0,1'."""
   return ','.join(str(c) for c in sorted(cpus))
+
+
+def run_pinned_json(module: str, args: List[str], cpus: Iterable[int],
+                    preload: Optional[str] = None,
+                    what: str = 'measurement') -> dict:
+  """Runs `python -m module args` pinned to `cpus`; the JSON of its last line.
+
+  `preload`: a shared library for LD_PRELOAD (another malloc) of the process.
+  """
+  env = dict(os.environ)
+  if preload:
+    env['LD_PRELOAD'] = preload
+  out = subprocess.run(
+      ['taskset', '-c', cpu_list(cpus), sys.executable, '-m', module] + args,
+      cwd=REPO_ROOT, capture_output=True, text=True, env=env, check=False)
+  if out.returncode:
+    raise RuntimeError(f'{what} failed:\n{out.stderr[-3000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 class PinnedCluster(Cluster):

@@ -19,8 +19,6 @@ from common import process  # Must precede TensorFlow imports.
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 from absl import flags
@@ -141,19 +139,12 @@ def measure_pinned(env_name, address, server_pid, cpus, variant=None):
   of `bench.replay_shards.variants()`.
   """
   knobs, preload = variant or ({}, None)
-  env = dict(os.environ)
-  if preload:
-    env['LD_PRELOAD'] = preload
-  out = subprocess.run(
-      ['taskset', '-c', fixtures.cpu_list(cpus), sys.executable, '-m',
-       'bench.learner_input', f'--bench_env={env_name}',
-       f'--learner_input_of={address}', f'--server_pid={server_pid}',
+  return fixtures.run_pinned_json(
+      'bench.learner_input',
+      [f'--bench_env={env_name}', f'--learner_input_of={address}',
+       f'--server_pid={server_pid}',
        f'--learner_pipeline={json.dumps(knobs)}'],
-      cwd=fixtures.REPO_ROOT, capture_output=True, text=True, env=env,
-      check=False)
-  if out.returncode:
-    raise RuntimeError(f'learner measurement failed:\n{out.stderr[-3000:]}')
-  return json.loads(out.stdout.strip().splitlines()[-1])
+      cpus, preload, 'learner measurement')
 
 
 def main(_):

@@ -17,7 +17,6 @@ from common import process  # Must precede TensorFlow imports.
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -127,20 +126,12 @@ def run_client(env_name, addresses, server_pids, cpus, knobs=None,
 
   `preload`: a shared library for LD_PRELOAD (another malloc) of the client.
   """
-  env = dict(os.environ)
-  if preload:
-    env['LD_PRELOAD'] = preload
-  out = subprocess.run(
-      ['taskset', '-c', fixtures.cpu_list(cpus), sys.executable, '-m',
-       'bench.replay_shards', f'--bench_env={env_name}',
-       f'--sample_from={",".join(addresses)}',
+  return fixtures.run_pinned_json(
+      'bench.replay_shards',
+      [f'--bench_env={env_name}', f'--sample_from={",".join(addresses)}',
        f'--server_pids={",".join(str(p) for p in server_pids)}',
        f'--sample_seconds={seconds}', f'--pipeline={json.dumps(knobs or {})}'],
-      cwd=fixtures.REPO_ROOT, capture_output=True, text=True, env=env,
-      check=False)
-  if out.returncode:
-    raise RuntimeError(f'sampling client failed:\n{out.stderr[-3000:]}')
-  return json.loads(out.stdout.strip().splitlines()[-1])
+      cpus, preload, 'sampling client')
 
 
 def start_shards(cluster, env_name, count=2):
