@@ -20,6 +20,8 @@ from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 from tf_agents.utils import nest_utils
 
+from actor.env_processes import item
+
 # act(time_steps) -> (batch of actions, batch of policy infos or ()).
 Act = Callable[[Sequence[ts.TimeStep]], Tuple[object, object]]
 
@@ -66,14 +68,6 @@ def _slice(batch, start, stop):
   if batch == ():  # pylint: disable=g-explicit-bool-comparison
     return ()
   return tf.nest.map_structure(lambda x: x[start:stop], batch)
-
-
-def _item(batch, i):
-  if isinstance(batch, np.ndarray):
-    return batch[i]
-  if batch == ():  # pylint: disable=g-explicit-bool-comparison
-    return ()
-  return tf.nest.map_structure(lambda x: x[i], batch)
 
 
 class EpisodeStats:
@@ -193,8 +187,8 @@ class Collector:
           observers[i](trajectory.Trajectory(
               step_type=time_step.step_type,
               observation=time_step.observation,
-              action=_item(actions, j),
-              policy_info=_item(infos, j),
+              action=item(actions, j),
+              policy_info=item(infos, j),
               next_step_type=next_step.step_type,
               reward=next_step.reward,
               discount=next_step.discount))

@@ -31,12 +31,15 @@ from common.errors import UserError
 _START_TIMEOUT_S = 300.0
 
 
-def _action(actions, i):
-  """Environment i's action from a batch of actions (an array or a nest)."""
-  if isinstance(actions, np.ndarray):
-    return actions[i]
+def item(batch, i):
+  """Element i of a batch: an array, a nest of arrays, or () (no info)."""
+  if isinstance(batch, np.ndarray):
+    return batch[i]
+  if batch == ():  # pylint: disable=g-explicit-bool-comparison
+    return ()
+  # Here (not at the top): a subprocess imports TensorFlow only for nests.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.nest.map_structure(lambda a: a[i], actions)
+  return tf.nest.map_structure(lambda x: x[i], batch)
 
 
 def _load(env_name: str, seeds: Sequence[int],
@@ -83,7 +86,7 @@ class InProcessEnvironments:
   def receive(self, group: int) -> List:
     del group
     actions, self._actions = self._actions, None
-    return [env.step(_action(actions, i)) for i, env in enumerate(self._envs)]
+    return [env.step(item(actions, i)) for i, env in enumerate(self._envs)]
 
   @property
   def episodes(self) -> int:
@@ -136,7 +139,7 @@ def _serve(conn, parent_pid: int, env_name: str, seeds: Sequence[int],
         return
       command, actions = message
       if command == 'step':
-        steps = [e.step(_action(actions, i)) for i, e in enumerate(envs)]
+        steps = [e.step(item(actions, i)) for i, e in enumerate(envs)]
       elif command == 'reset':
         steps = [e.reset() for e in envs]
       else:  # close
