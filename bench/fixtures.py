@@ -148,6 +148,72 @@ class CpuMeter:
     return {name: now[name] - self._start_wait[name] for name in now}
 
 
+class CpuQuota:
+  """A CPU-time quota on one process (a cgroup of its own), settable live.
+
+  `set(0.25)` lets the process run a quarter of one core's time (the kernel
+  throttles it within each 10 ms period); `set(None)` lifts the limit. Needs
+  a writable cgroup CPU controller (v1 or v2), i.e. root here;
+  `CpuQuota.available()` says whether there is one.
+  """
+
+  _V2 = '/sys/fs/cgroup/cgroup.controllers'
+  _V1 = '/sys/fs/cgroup/cpu'
+  PERIOD_US = 10000
+
+  @classmethod
+  def _root(cls) -> Optional[str]:
+    if os.path.exists(cls._V1 + '/cpu.cfs_quota_us'):
+      return cls._V1
+    if os.path.exists(cls._V2):
+      with open(cls._V2) as f:
+        if 'cpu' in f.read().split():
+          return os.path.dirname(cls._V2)
+    return None
+
+  @classmethod
+  def available(cls) -> bool:
+    root = cls._root()
+    return root is not None and os.access(root, os.W_OK)
+
+  def __init__(self, pid: int, name: str):
+    root = self._root()
+    self._v1 = root == self._V1
+    self._dir = os.path.join(root, f'sac-bench-{name}-{pid}')
+    os.makedirs(self._dir, exist_ok=True)
+    if not self._v1:  # v2: the parent must hand the cpu controller down.
+      with open(os.path.join(root, 'cgroup.subtree_control'), 'w') as f:
+        f.write('+cpu')
+    self._write('cgroup.procs', str(pid))  # Every thread of the process.
+    self.set(None)
+
+  def _write(self, name: str, value: str):
+    with open(os.path.join(self._dir, name), 'w') as f:
+      f.write(value)
+
+  def set(self, fraction: Optional[float]):
+    if self._v1:
+      self._write('cpu.cfs_period_us', str(self.PERIOD_US))
+      self._write('cpu.cfs_quota_us', '-1' if fraction is None else
+                  str(int(fraction * self.PERIOD_US)))
+    else:
+      quota = 'max' if fraction is None else str(int(fraction * self.PERIOD_US))
+      self._write('cpu.max', f'{quota} {self.PERIOD_US}')
+
+  def remove(self):
+    """Moves the process back to the root group; deletes this one."""
+    try:
+      with open(os.path.join(self._dir, 'cgroup.procs')) as f:
+        pids = f.read().split()
+      for pid in pids:
+        with open(os.path.join(os.path.dirname(self._dir), 'cgroup.procs'),
+                  'w') as f:
+          f.write(pid)
+      os.rmdir(self._dir)
+    except OSError:
+      pass  # The process exited meanwhile, or the group is gone.
+
+
 def replay_server(cluster: Cluster, name: str, env_name: str,
                   cpus: Optional[Iterable[int]] = None, extra=()) -> str:
   """A replay server process that never blocks a sampler; its address."""

@@ -117,9 +117,6 @@ def sample(env_name, addresses, server_pids, seconds, knobs):
   }
 
 
-JEMALLOC = '/usr/lib/x86_64-linux-gnu/libjemalloc.so.2'
-
-
 def run_client(env_name, addresses, server_pids, cpus, knobs=None,
                seconds=10.0, preload=None):
   """Runs `sample` in a client process pinned to `cpus`; its figures.
@@ -154,52 +151,79 @@ def start_shards(cluster, env_name, count=2):
 
 
 def variants():
-  """Client variants of the 1-shard measurement: {name: (knobs, preload)}.
+  """Client variants: {name: (pipeline knobs, LD_PRELOAD library or None)}.
 
-  'recommended' is what the figures argue for: a stream per 256 samples and
-  jemalloc (when the machine has it; Debian: apt-get install libjemalloc2).
+  'default' is what the learner binary runs: its pipeline (one Reverb stream
+  per batch) with jemalloc where the machine has it
+  (`common.process.prefer_jemalloc`); 'system_malloc', where that differs,
+  the same pipeline under glibc's malloc.
   """
-  stream = {'max_samples_per_stream': 256}
-  out = {'default': ({}, None), 'max_samples_per_stream_256': (stream, None)}
-  if os.path.exists(JEMALLOC):
-    out['jemalloc'] = ({}, JEMALLOC)
-    out['recommended'] = (stream, JEMALLOC)
-  else:
-    out['recommended'] = (stream, None)
+  jemalloc = process.jemalloc_path()
+  out = {'default': ({}, jemalloc)}
+  if jemalloc:
+    out['system_malloc'] = ({}, None)
   return out
+
+
+# The share of its core each shard may use in the shard-bound placements.
+SHARD_QUOTA = 0.25
 
 
 def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
   """Per-core sampling capacity and the 1- vs 2-shard pipeline, one run.
 
   Shard 0 is pinned to the last core, shard 1 to the first.
+
+  On two cores the sampling client has no core of its own once both hold a
+  shard, and it needs more CPU per batch than a shard: the plain 1- vs
+  2-shard ratio then measures the client, not the shards. The shard-bound
+  placements make the shards the wall, as they are for a learner host with
+  cores to spare: each shard limited to SHARD_QUOTA of its core (a cgroup CPU
+  quota; skipped where none can be set), the client on both cores.
   """
   cpus = sorted(os.sched_getaffinity(0))
   first = cpus[:1]
+  # name: (shards, their pids, the client's cpus, client variant, shard quota)
+  default = variants()['default']
   placements = {
       # (a) one server core, the client on the other core.
-      '1_shard_client_own_core': (shards[:1], pids[:1], first, None),
+      '1_shard_client_own_core': (shards[:1], pids[:1], first, default, None),
       # (b) one server core each; no core is left for the client, which
       # runs wherever the scheduler finds room.
-      '2_shards_client_any_core': (shards, pids, cpus, None),
+      '2_shards_client_any_core': (shards, pids, cpus, default, None),
       # The 1-shard case under the same client placement as (b).
-      '1_shard_client_any_core': (shards[:1], pids[:1], cpus, None),
+      '1_shard_client_any_core': (shards[:1], pids[:1], cpus, default, None),
   }
   for name, variant in variants().items():
     if name != 'default':
       placements[f'1_shard_client_own_core_{name}'] = (
-          shards[:1], pids[:1], first, variant)
-  placements['2_shards_client_any_core_recommended'] = (
-      shards, pids, cpus, variants()['recommended'])
+          shards[:1], pids[:1], first, variant, None)
+      placements[f'2_shards_client_any_core_{name}'] = (
+          shards, pids, cpus, variant, None)
+  quotas = {}
+  if fixtures.CpuQuota.available():
+    quotas = {pid: fixtures.CpuQuota(pid, f'shard{i}')
+              for i, pid in enumerate(pids)}
+    placements['1_shard_bound'] = (shards[:1], pids[:1], cpus, default,
+                                   SHARD_QUOTA)
+    placements['2_shards_bound'] = (shards, pids, cpus, default, SHARD_QUOTA)
+  else:
+    log('no writable cgroup CPU controller: shard-bound placements skipped')
   figures = {name: [] for name in placements}
-  for r in range(rounds):  # Alternating: drift on a shared machine hits all.
-    for name, (addresses, server_pids, client_cpus, variant) in (
-        placements.items()):
-      knob, preload = variant or ({}, None)
-      f = run_client(env_name, addresses, server_pids, client_cpus, knob,
-                     preload=preload)
-      log(f'round {r + 1}/{rounds} {name}: {f}')
-      figures[name].append(f)
+  try:
+    for r in range(rounds):  # Alternating: drift on a shared machine hits all.
+      for name, (addresses, server_pids, client_cpus, variant, quota) in (
+          placements.items()):
+        for quota_of in quotas.values():
+          quota_of.set(quota)
+        knob, preload = variant
+        f = run_client(env_name, addresses, server_pids, client_cpus, knob,
+                       preload=preload)
+        log(f'round {r + 1}/{rounds} {name}: {f}')
+        figures[name].append(f)
+  finally:
+    for quota_of in quotas.values():
+      quota_of.remove()
   results = {'placement': {
       'shard_0_cpu': cpus[-1], 'shard_1_cpu': cpus[0],
       '1_shard_client_own_core': first, 'client_any_core': cpus}}
@@ -215,9 +239,11 @@ def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
       BATCH / one['client_cpu_ms_per_batch'] * 1000)
   results['2_over_1_shards'] = round(
       two['batches_per_s'] / one['batches_per_s'], 2)
-  results['2_over_1_shards_recommended'] = round(
-      results['2_shards_client_any_core_recommended']['batches_per_s'] /
-      results['1_shard_client_own_core_recommended']['batches_per_s'], 2)
+  for name in variants():
+    if name != 'default':
+      results[f'2_over_1_shards_{name}'] = round(
+          results[f'2_shards_client_any_core_{name}']['batches_per_s'] /
+          results[f'1_shard_client_own_core_{name}']['batches_per_s'], 2)
   results['2_over_1_shards_same_client_placement'] = round(
       two['batches_per_s'] /
       results['1_shard_client_any_core']['batches_per_s'], 2)
@@ -228,6 +254,11 @@ def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
       '2_shards': round(2000 / two['server_cpu_ms_per_batch'], 1)}
   results['2_over_1_shards_server_bound'] = round(
       2 * one['server_cpu_ms_per_batch'] / two['server_cpu_ms_per_batch'], 2)
+  if quotas:
+    results['shard_quota_of_core'] = SHARD_QUOTA
+    results['2_over_1_shards_shard_bound'] = round(
+        results['2_shards_bound']['batches_per_s'] /
+        results['1_shard_bound']['batches_per_s'], 2)
   if knobs:
     results['knobs'] = _knobs(env_name, shards[:1], pids[:1], first, log)
   return results

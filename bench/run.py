@@ -252,10 +252,9 @@ def main(_):
     r = replay_shards.measure_on(env_name, shards, pids,
                                  log=lambda text: report('replay_shards', text))
     report('replay_shards', r)
-    # Alternating; the default pipeline and the recommended one twice.
-    order = ['default', 'recommended', 'default', 'recommended'] + [
-        name for name in replay_shards.variants()
-        if name not in ('default', 'recommended')]
+    # Alternating, twice each: the learner binary's pipeline and allocator
+    # ('default'), and the same under the system's malloc.
+    order = list(replay_shards.variants()) * 2
     learner_runs = {name: [] for name in order}
     for name in order:
       learner_runs[name].append(learner_input.measure_pinned(

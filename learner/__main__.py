@@ -2,6 +2,9 @@
 
 from common import process  # Must precede TensorFlow imports.
 
+if __name__ == '__main__':
+  process.prefer_jemalloc()  # Re-executes; before TensorFlow is loaded.
+
 from common import cluster_flags as cf
 
 

@@ -23,6 +23,7 @@ from common import agents
 from common import config as config_lib
 from common import environments
 from common import outputs
+from common import process
 from common import progress
 from common import reverb_connection
 from common.errors import UserError
@@ -180,6 +181,9 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     reverb_connection.check_table_signature(
         info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
         address)
+  logging.info('learner: memory allocator %s%s', process.allocator(),
+               '' if process.allocator() == 'jemalloc' else
+               ' (apt-get install libjemalloc2 for a faster input pipeline)')
   if len(s.shards) > 1:
     logging.info('learner: samples from %d replay shards: %s',
                  len(s.shards), ', '.join(s.shards))
