@@ -39,49 +39,56 @@ def annealed_exponent(start: float, train_step, train_steps: int):
 
 
 class PriorityUpdater:
-  """Writes priorities to the replay table from a background thread.
+  """Writes priorities to the replay table from background threads.
 
   `submit(keys, td_errors)` is called from inside the train step (via
-  `tf.numpy_function`); it only queues. The thread merges what is queued,
+  `tf.numpy_function`); it only queues. A thread merges what is queued,
   sends one `mutate_priorities` per round, and publishes the largest priority
   of its recent rounds to the `max_priority` table, where actors read the
-  priority new items enter with. Priorities are advice: if the queue is full
-  or the server is away, updates are dropped (counted, logged), never waited
+  priority new items enter with. Priorities are advice: if a queue is full
+  or a server is away, updates are dropped (counted, logged), never waited
   for.
 
   With replay shards, each round goes to every shard: a sampled key lives on
   exactly one of them (keys are random 64-bit ids) and Reverb skips keys a
   table does not hold, so no shard bookkeeping rides through the train step.
-  The max priority is published on the first shard.
+  Each shard has a queue and a thread of its own: a call to a shard that is
+  gone blocks until it is back (Reverb's client waits for the server), and
+  must not hold up the others. The max priority is published on the first
+  shard. `updated` and `dropped` count per shard (an update written to two
+  shards counts twice).
   """
 
   def __init__(self, address: Union[str, Sequence[str]],
                max_pending: int = 256, window: int = 100):
-    self._addresses = [address] if isinstance(address, str) else list(address)
-    self._queue = queue.Queue(maxsize=max_pending)
-    self._recent_max = collections.deque(maxlen=window)
-    self._published = None
-    self._last_publish = 0.0
-    self.updated = 0
-    self.dropped = 0
-    self._done = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True,
-                                    name='priority-updater')
+    addresses = [address] if isinstance(address, str) else list(address)
+    self._writers = [_ShardWriter(a, max_pending, window if i == 0 else 0)
+                     for i, a in enumerate(addresses)]
+
+  @property
+  def updated(self) -> int:
+    return sum(w.updated for w in self._writers)
+
+  @property
+  def dropped(self) -> int:
+    return sum(w.dropped for w in self._writers)
 
   def start(self) -> 'PriorityUpdater':
-    self._thread.start()
+    for writer in self._writers:
+      writer.start()
     return self
 
   def stop(self, timeout_s: float = 5.0) -> None:
-    self._done.set()
-    self._thread.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    for writer in self._writers:
+      writer.done.set()
+    for writer in self._writers:
+      writer.join(max(0.0, deadline - time.monotonic()))
 
   def submit(self, keys: np.ndarray, td_errors: np.ndarray) -> np.int64:
-    try:
-      self._queue.put_nowait((np.array(keys, np.uint64),
-                              np.array(td_errors, np.float64)))
-    except queue.Full:
-      self.dropped += len(keys)
+    update = (np.array(keys, np.uint64), np.array(td_errors, np.float64))
+    for writer in self._writers:
+      writer.put(update)
     return np.int64(0)
 
   def send_from_train_step(self, experience_and_info, loss_info) -> None:
@@ -91,10 +98,34 @@ class PriorityUpdater:
     tf.numpy_function(self.submit, [sample_info.key, td_errors], tf.int64,
                       stateful=True)
 
-  def _run(self) -> None:
-    clients = None
+
+class _ShardWriter(threading.Thread):
+  """One shard's queue of priority updates and the thread that sends them.
+
+  `window` > 0: also publishes the max priority of the last `window` rounds.
+  """
+
+  def __init__(self, address: str, max_pending: int, window: int):
+    super().__init__(daemon=True, name=f'priority-updater {address}')
+    self._address = address
+    self._queue = queue.Queue(maxsize=max_pending)
+    self._recent_max = collections.deque(maxlen=window) if window else None
+    self._published = None
+    self._last_publish = 0.0
+    self.updated = 0
+    self.dropped = 0
+    self.done = threading.Event()
+
+  def put(self, update) -> None:
+    try:
+      self._queue.put_nowait(update)
+    except queue.Full:
+      self.dropped += len(update[0])
+
+  def run(self) -> None:
+    client = None
     failures = 0
-    while not self._done.is_set() or not self._queue.empty():
+    while not self.done.is_set() or not self._queue.empty():
       try:
         keys, td_errors = self._queue.get(timeout=0.2)
       except queue.Empty:
@@ -110,22 +141,21 @@ class PriorityUpdater:
       # An item sampled twice keeps its latest priority.
       updates = dict(zip(keys.tolist(), priorities.tolist()))
       try:
-        clients = clients or [reverb.Client(a) for a in self._addresses]
-        for client in clients:
-          client.mutate_priorities(config_lib.REPLAY_TABLE, updates=updates)
+        client = client or reverb.Client(self._address)
+        client.mutate_priorities(config_lib.REPLAY_TABLE, updates=updates)
         self.updated += len(updates)
-        self._recent_max.append(float(priorities.max()))
-        self._publish_max(clients[0])
+        if self._recent_max is not None:
+          self._recent_max.append(float(priorities.max()))
+          self._publish_max(client)
         failures = 0
       except Exception as e:  # pylint: disable=broad-except
-        clients = None
+        client = None
         self.dropped += len(updates)
         failures += 1
         if failures in (1, 10) or failures % 100 == 0:
           logging.warning('learner: cannot update priorities at %s (%s); '
                           '%d dropped so far, training goes on',
-                          ', '.join(self._addresses), type(e).__name__,
-                          self.dropped)
+                          self._address, type(e).__name__, self.dropped)
 
   def _publish_max(self, client: reverb.Client) -> None:
     now = time.monotonic()

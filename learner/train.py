@@ -103,7 +103,8 @@ def _wait_for_shards(s: 'LearnerSettings', should_stop) -> list:
 
 
 class _Heartbeat:
-  """Logs why training is stuck when train_step stops moving for a while.
+  """Logs why training is stuck when train_step stops moving for a while,
+  and replay shards that stop or start answering.
 
   Sampling can block inside TensorFlow, e.g. while the replay server is away
   (Reverb reconnects on its own once it is back); this thread keeps such a
@@ -117,6 +118,7 @@ class _Heartbeat:
     self._addresses = replay_addresses
     self._train_step = train_step
     self._interval_s = interval_s
+    self._up = {}
     self._done = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -127,9 +129,33 @@ class _Heartbeat:
   def stop(self) -> None:
     self._done.set()
 
+  def _shards_answering(self):
+    """With replay shards: logs a shard that stops or starts answering.
+
+    The pipeline samples the shards that answer and takes a shard that comes
+    back in again by itself; this makes both visible.
+    """
+    if len(self._addresses) < 2:
+      return
+    for address in self._addresses:
+      try:
+        reverb.Client(address).server_info(timeout=5)
+        up = True
+      except Exception:  # pylint: disable=broad-except
+        up = False
+      if up != self._up.get(address, True):
+        if up:
+          logging.info('learner: replay shard %s answers again; sampling it '
+                       'again', address)
+        else:
+          logging.warning('learner: replay shard %s not answering; training '
+                          'goes on from the other shards', address)
+      self._up[address] = up
+
   def _run(self):
     last_step, still = int(self._train_step.numpy()), 0.0
     while not self._done.wait(self._interval_s):
+      self._shards_answering()
       step = int(self._train_step.numpy())
       if step != last_step:
         last_step, still = step, 0.0

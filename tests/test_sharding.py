@@ -5,6 +5,10 @@ the shard that holds each item; variables, actor indices and the max
 priority stay on the first shard.
 """
 
+import re
+import signal
+import time
+
 import numpy as np
 import reverb
 import tensorflow as tf
@@ -111,3 +115,72 @@ def test_two_shards_two_actors_one_prioritized_learner(cluster):
         tail.rsplit('env steps, ', 1)[0].rsplit(';', 1)[1].split()[0]))
   assert inserted[0] <= actor_steps[0] and inserted[1] <= actor_steps[1], (
       inserted, actor_steps)
+
+
+def _train_step(log: str) -> int:
+  steps = re.findall(r'train_step (\d+)/', log)
+  return int(steps[-1]) if steps else 0
+
+
+def _max_priority_publishes(address: str) -> int:
+  """How often the learner's priority thread has published the max priority
+  (it does after the rounds it wrote to this shard, at most ~1/s)."""
+  info = reverb.Client(address).server_info(timeout=10)
+  table = info[config_lib.MAX_PRIORITY_TABLE]
+  return table.rate_limiter_info.insert_stats.completed
+
+
+def test_learner_trains_on_while_a_shard_is_down_and_takes_it_back(cluster):
+  """A replay shard is killed mid-run: the learner goes on training from the
+  other shard (and writing its priorities there); the shard is restarted
+  empty on its port: the learner samples it again, without a restart."""
+  ports = [free_port(), free_port()]
+  addresses = [f'localhost:{p}' for p in ports]
+  common_flags = [
+      '--env=CartPole-v0', '--agent=dqn', '--q_fc_layers=32',
+      '--replay=prioritized', '--replay_capacity=5000',
+      '--min_size_to_sample=100', '--initial_collect_steps=200',
+      '--num_actors=2', '--rate_limiter=min_size',
+      f'--replay_address={",".join(addresses)}',
+      '--train_steps=1000000', '--server_timeout_s=120', '--log_interval_s=1']
+
+  def start_shard(shard):
+    cluster.start(f'server_{shard}', 'replay_server',
+                  common_flags + [f'--port={ports[shard]}'])
+
+  for shard in range(2):
+    start_shard(shard)
+  for task in range(2):
+    cluster.start(f'actor_{task}', 'actor', common_flags + [
+        f'--task={task}', f'--root_dir={cluster.log_dir}/actor',
+        '--pull_interval_steps=20'])
+  cluster.start('learner', 'learner', common_flags + [
+      f'--root_dir={cluster.log_dir}/learner', '--push_interval_steps=20',
+      '--policy_save_interval=1000000'])
+  cluster.wait_for_log('learner', r'train_step [1-9]\d{2,}/', 240)
+
+  cluster.signal('server_1', signal.SIGKILL)
+  cluster.wait('server_1', 10)
+  cluster.wait_for_log(
+      'learner', f'replay shard {addresses[1]} not answering', 60)
+  at_outage = _train_step(cluster.log('learner'))
+  published = _max_priority_publishes(addresses[0])
+  time.sleep(8)
+  # Training goes on from shard 0 (hundreds of steps/s when not stalled) ...
+  assert _train_step(cluster.log('learner')) >= at_outage + 200, (
+      cluster.tail('learner'))
+  # ... and so do the priority updates to its items.
+  assert _max_priority_publishes(addresses[0]) >= published + 3
+
+  start_shard(1)  # Empty, on the same port.
+  cluster.wait_for_log('learner', f'replay shard {addresses[1]} answers '
+                       'again', 120)
+  deadline = time.monotonic() + 90
+  while time.monotonic() < deadline:
+    size, _, sampled = _table_stats(addresses[1])
+    if sampled >= 64 * 10:  # The learner is its only sampler.
+      break
+    time.sleep(1)
+  assert sampled >= 64 * 10, (size, sampled, cluster.tail('learner'))
+  cluster.signal('learner')
+  assert cluster.wait('learner', 60) == 0, cluster.tail('learner')
