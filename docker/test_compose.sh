@@ -74,6 +74,8 @@ compose logs --no-color learner > /tmp/sac-learner.log 2>&1 || true
 [ "$code" = "0" ] || { tail -n 30 /tmp/sac-learner.log >&2; fail "learner exited $code"; }
 grep -q "learner: finished at train_step 300" /tmp/sac-learner.log || fail "learner did not reach 300 steps"
 say "learner exited 0 at train_step 300"
+grep -q "learner: memory allocator jemalloc" /tmp/sac-learner.log \
+  || fail "the learner in the image does not run with jemalloc"
 
 for cid in $(compose ps -q evaluator) $(compose ps -q actor); do
   timeout 120 docker wait "$cid" >/dev/null || fail "container $cid still running 120s after the learner"
