@@ -187,7 +187,8 @@ def test_server_restarted_without_checkpoint_hands_out_no_index_twice(
     cluster, tmp_path):
   port = free_port()
   flags = _flags(f'localhost:{port}', 100000)
-  server_flags = flags + [f'--port={port}', '--actor_lease_grace_s=6']
+  # The grace leaves live actors time to reconnect on a loaded machine.
+  server_flags = flags + [f'--port={port}', '--actor_lease_grace_s=12']
   cluster.start('replay_server', 'replay_server', server_flags)
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
   for name in ('actor_a', 'actor_b'):
