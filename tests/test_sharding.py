@@ -62,12 +62,9 @@ def _table_stats(address: str):
           stats.sample_stats.completed)
 
 
-def test_two_shards_two_actors_one_prioritized_learner(cluster):
-  """Separate processes: 2 replay shards, 2 actors, 1 learner.
-
-  Actor i writes only to shard i; the learner samples both (their sample
-  counts grow; it is the only sampler) and rewrites priorities on both.
-  """
+def _start_two_shard_cluster(cluster, train_steps: int, log_interval_s: int):
+  """2 replay shard processes, 2 actors (actor i writes to shard i) and a
+  prioritized DQN learner on CartPole; returns (start_shard, addresses)."""
   ports = [free_port(), free_port()]
   addresses = [f'localhost:{p}' for p in ports]
   common_flags = [
@@ -76,17 +73,32 @@ def test_two_shards_two_actors_one_prioritized_learner(cluster):
       '--min_size_to_sample=100', '--initial_collect_steps=200',
       '--num_actors=2', '--rate_limiter=min_size',
       f'--replay_address={",".join(addresses)}',
-      '--train_steps=400', '--server_timeout_s=60', '--log_interval_s=2']
-  for shard, port in enumerate(ports):
+      f'--train_steps={train_steps}', '--server_timeout_s=120',
+      f'--log_interval_s={log_interval_s}']
+
+  def start_shard(shard):
     cluster.start(f'server_{shard}', 'replay_server',
-                  common_flags + [f'--port={port}'])
+                  common_flags + [f'--port={ports[shard]}'])
+
+  for shard in range(2):
+    start_shard(shard)
   for task in range(2):
     cluster.start(f'actor_{task}', 'actor', common_flags + [
         f'--task={task}', f'--root_dir={cluster.log_dir}/actor',
         '--pull_interval_steps=20'])
   cluster.start('learner', 'learner', common_flags + [
       f'--root_dir={cluster.log_dir}/learner', '--push_interval_steps=20',
-      '--policy_save_interval=100000'])
+      '--policy_save_interval=1000000'])
+  return start_shard, addresses
+
+
+def test_two_shards_two_actors_one_prioritized_learner(cluster):
+  """Separate processes: 2 replay shards, 2 actors, 1 learner.
+
+  Actor i writes only to shard i; the learner samples both (their sample
+  counts grow; it is the only sampler) and rewrites priorities on both.
+  """
+  _, addresses = _start_two_shard_cluster(cluster, 400, 2)
   assert cluster.wait('learner', 240) == 0, cluster.tail('learner')
   log = cluster.log('learner')
   assert 'samples from 2 replay shards' in log
@@ -134,29 +146,7 @@ def test_learner_trains_on_while_a_shard_is_down_and_takes_it_back(cluster):
   """A replay shard is killed mid-run: the learner goes on training from the
   other shard (and writing its priorities there); the shard is restarted
   empty on its port: the learner samples it again, without a restart."""
-  ports = [free_port(), free_port()]
-  addresses = [f'localhost:{p}' for p in ports]
-  common_flags = [
-      '--env=CartPole-v0', '--agent=dqn', '--q_fc_layers=32',
-      '--replay=prioritized', '--replay_capacity=5000',
-      '--min_size_to_sample=100', '--initial_collect_steps=200',
-      '--num_actors=2', '--rate_limiter=min_size',
-      f'--replay_address={",".join(addresses)}',
-      '--train_steps=1000000', '--server_timeout_s=120', '--log_interval_s=1']
-
-  def start_shard(shard):
-    cluster.start(f'server_{shard}', 'replay_server',
-                  common_flags + [f'--port={ports[shard]}'])
-
-  for shard in range(2):
-    start_shard(shard)
-  for task in range(2):
-    cluster.start(f'actor_{task}', 'actor', common_flags + [
-        f'--task={task}', f'--root_dir={cluster.log_dir}/actor',
-        '--pull_interval_steps=20'])
-  cluster.start('learner', 'learner', common_flags + [
-      f'--root_dir={cluster.log_dir}/learner', '--push_interval_steps=20',
-      '--policy_save_interval=1000000'])
+  start_shard, addresses = _start_two_shard_cluster(cluster, 1000000, 1)
   cluster.wait_for_log('learner', r'train_step [1-9]\d{2,}/', 240)
 
   cluster.signal('server_1', signal.SIGKILL)
