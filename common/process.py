@@ -59,9 +59,13 @@ def prefer_jemalloc():
 
 
 def allocator() -> str:
-  """'jemalloc' when this process runs with it preloaded, else 'system'."""
-  return ('jemalloc' if 'jemalloc' in os.environ.get('LD_PRELOAD', '')
-          else 'system')
+  """The malloc this process runs with: 'jemalloc', another preloaded
+  allocator's library name (e.g. libtcmalloc.so.4), or 'system'."""
+  for library in os.environ.get('LD_PRELOAD', '').replace(':', ' ').split():
+    name = os.path.basename(library)
+    if 'malloc' in name:
+      return 'jemalloc' if 'jemalloc' in name else name
+  return 'system'
 
 
 class StopRequest:

@@ -208,8 +208,8 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
         info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
         address)
   logging.info('learner: memory allocator %s%s', process.allocator(),
-               '' if process.allocator() == 'jemalloc' else
-               ' (apt-get install libjemalloc2 for a faster input pipeline)')
+               ' (apt-get install libjemalloc2 for a faster input pipeline)'
+               if process.allocator() == 'system' else '')
   if len(s.shards) > 1:
     logging.info('learner: samples from %d replay shards: %s',
                  len(s.shards), ', '.join(s.shards))
