@@ -45,12 +45,12 @@ def prefer_jemalloc():
   """
   if os.environ.get('SAC_MALLOC', '') == 'system':
     return
-  preload = os.environ.get('LD_PRELOAD', '')
-  if 'malloc' in preload:  # jemalloc, tcmalloc: the user chose; or done.
+  if allocator() != 'system':  # jemalloc, tcmalloc: the user chose; or done.
     return
   path = jemalloc_path()
   if path is None:
     return
+  preload = os.environ.get('LD_PRELOAD', '')
   env = dict(os.environ, LD_PRELOAD=f'{path} {preload}'.strip())
   try:
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

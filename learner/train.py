@@ -207,9 +207,10 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     reverb_connection.check_table_signature(
         info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
         address)
-  logging.info('learner: memory allocator %s%s', process.allocator(),
+  malloc = process.allocator()
+  logging.info('learner: memory allocator %s%s', malloc,
                ' (apt-get install libjemalloc2 for a faster input pipeline)'
-               if process.allocator() == 'system' else '')
+               if malloc == 'system' else '')
   if len(s.shards) > 1:
     logging.info('learner: samples from %d replay shards: %s',
                  len(s.shards), ', '.join(s.shards))
