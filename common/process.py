@@ -41,9 +41,16 @@ def prefer_jemalloc():
   that is half the learner's input-pipeline CPU, and jemalloc cuts the
   pipeline's CPU per batch by about half (BENCHMARKS.md). A no-op when
   jemalloc is missing, when LD_PRELOAD already names an allocator, or with
-  SAC_MALLOC=system in the environment. The process keeps its pid.
+  SAC_MALLOC=system in the environment; any other SAC_MALLOC value but
+  'jemalloc' is an error (exit 2). The process keeps its pid.
   """
-  if os.environ.get('SAC_MALLOC', '') == 'system':
+  choice = os.environ.get('SAC_MALLOC', '')
+  if choice not in ('', 'jemalloc', 'system'):
+    sys.stderr.write(f'error: SAC_MALLOC={choice!r}: use SAC_MALLOC=system '
+                     '(glibc\'s malloc) or leave it unset (jemalloc where '
+                     'installed)\n')
+    sys.exit(2)
+  if choice == 'system':
     return
   if allocator() != 'system':  # jemalloc, tcmalloc: the user chose; or done.
     return

@@ -2,11 +2,13 @@
 spends half its CPU in malloc otherwise), and SAC_MALLOC=system opts out."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from common import process
-from tests.cluster import Cluster, free_port
+from tests.cluster import REPO_ROOT, Cluster, free_port
 
 pytestmark = pytest.mark.skipif(
     process.jemalloc_path() is None,
@@ -39,3 +41,14 @@ def test_learner_preloads_jemalloc_unless_told_not_to(tmp_path, malloc):
   finally:
     os.environ.pop('SAC_MALLOC', None)
     cluster.stop_all()
+
+
+def test_unknown_sac_malloc_is_one_line_and_exit_2():
+  out = subprocess.run(
+      [sys.executable, '-m', 'learner', '--env=Pendulum-v1'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+      env=dict(os.environ, SAC_MALLOC='sytem'))
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "error: SAC_MALLOC='sytem': use SAC_MALLOC=system (glibc's malloc) or "
+      'leave it unset (jemalloc where installed)']
