@@ -28,6 +28,7 @@ from common import environments
 from common import outputs
 from common import progress
 from common import reverb_connection
+from common import actor_indices
 from common import tables
 from variable_container import VariableContainerClient
 
@@ -94,7 +95,7 @@ def collect(s: ActorSettings,
       s.replay_address, s.server_timeout_s, who, should_stop)
   task = s.task
   if task is None:
-    task = tables.claim_actor_id(s.replay_address, s.server_timeout_s,
+    task = actor_indices.claim_actor_id(s.replay_address, s.server_timeout_s,
                                  should_stop)
     who = f'actor {task}'
     logging.info('%s: took index %d from %s', who, task, s.replay_address)
@@ -180,7 +181,7 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
 
   # Tells the server, also after it restarts, that this index is taken
   # (from here on: a process that fails its checks leaves no trace).
-  lease = tables.ActorLease(s.replay_address, task).start()
+  lease = actor_indices.ActorLease(s.replay_address, task).start()
   summary_writer = None
   try:
     # The random initial collect fills the table before the first train step;

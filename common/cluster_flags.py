@@ -295,6 +295,32 @@ def replay_address() -> str:
   return replay_addresses()[0]
 
 
+def variables_on_shards() -> bool:
+  """True when no --variable_address is given: every replay shard serves the
+  variables (the learner pushes to all of them, each actor reads its own)."""
+  return not VARIABLE_ADDRESS.value
+
+
+def run_contract() -> dict:
+  """The settings every process of one run must share, by flag name.
+
+  The replay server publishes its own (`common.contract`); every client
+  compares its own with it at connect, so processes started with different
+  flags never train on each other's data.
+  """
+  return {
+      'env': ENV.value,
+      'agent': AGENT.value,
+      'max_episode_steps': MAX_EPISODE_STEPS.value,
+      'discretize_actions': DISCRETIZE_ACTIONS.value,
+      'action_repeat': ACTION_REPEAT.value,
+      'gamma': GAMMA.value,
+      'n_step': N_STEP.value,
+      'replay': REPLAY.value,
+      'reward_scale_factor': REWARD_SCALE_FACTOR.value,
+  }
+
+
 def variable_address() -> str:
   from common import reverb_connection  # pylint: disable=g-import-not-at-top
   if not VARIABLE_ADDRESS.value:
@@ -308,6 +334,17 @@ TABLES = flags.DEFINE_enum(
     'tables', 'replay_and_variables', ['replay_and_variables', 'replay'],
     'replay_server: tables to serve; "replay" when the variables live on a '
     'separate `python -m variable_container`.')
+
+REPLAY_SHARD = flags.DEFINE_integer(
+    'replay_shard', -1,
+    'replay_server: the position of this server in --replay_address (its '
+    'shard index; it hands out the --task=auto indices i with i mod S equal '
+    'to it). -1: found from --port in --replay_address (0 with one shard).',
+    lower_bound=-1)
+ACTOR_LEASE_TIMEOUT_S = flags.DEFINE_float(
+    'actor_lease_timeout_s', 30.0,
+    'replay_server: a --task=auto index whose actor has not renewed it for '
+    'this long (the actor is gone) is handed out again.', lower_bound=1)
 
 # --- learner.
 STRATEGY = flags.DEFINE_enum(
@@ -366,6 +403,15 @@ ENV_PROCESSES = flags.DEFINE_integer(
 PULL_INTERVAL_STEPS = flags.DEFINE_integer(
     'pull_interval_steps', 100,
     'actor: env steps between pulls of the policy weights.', lower_bound=1)
+ENV_STEP_TIMEOUT_S = flags.DEFINE_float(
+    'env_step_timeout_s', 60.0,
+    'actor: an environment step or reset that takes longer than this ends '
+    'the actor with one line and exit code 2 (a hung environment).',
+    lower_bound=0.1)
+STOP_TIMEOUT_S = flags.DEFINE_float(
+    'stop_timeout_s', 30.0,
+    'actor: seconds after SIGTERM/SIGINT by which the actor has exited; past '
+    'them it exits at once (code 1) with one line.', lower_bound=0.1)
 MAX_TRAIN_STEPS = flags.DEFINE_integer(
     'max_train_steps', 0,
     "actor: exit once the learner's train_step reaches this; 0: "
@@ -389,6 +435,19 @@ WITH_EVALUATOR = flags.DEFINE_boolean(
     'with_evaluator', True, 'launcher: also start an evaluator.')
 RESTART_ACTORS = flags.DEFINE_boolean(
     'restart_actors', True, 'launcher: restart an actor that dies.')
+MAX_ACTOR_RESTARTS = flags.DEFINE_integer(
+    'max_actor_restarts', 5,
+    'launcher: consecutive failures after which a dead actor is not '
+    'restarted (the count resets once it has run --healthy_after_s).',
+    lower_bound=0)
+RESTART_BACKOFF_S = flags.DEFINE_float(
+    'restart_backoff_s', 2.0,
+    'launcher: delay before restarting a dead actor, doubled with every '
+    'consecutive failure (at most 60s).', lower_bound=0)
+HEALTHY_AFTER_S = flags.DEFINE_float(
+    'healthy_after_s', 60.0,
+    'launcher: an actor that has run this long counts as healthy: its '
+    'consecutive-failure count starts again from 0.', lower_bound=0)
 SHOW_CHILD_LOGS = flags.DEFINE_boolean(
     'show_child_logs', True,
     "launcher: echo every child's log lines, prefixed with its role (they "

@@ -13,6 +13,7 @@ from common import agents
 from common import config as config_lib
 from common import environments
 from common import reverb_connection
+from common import actor_indices
 from common import tables
 from common.errors import UserError
 from tests.cluster import free_port
@@ -170,9 +171,9 @@ def test_auto_actor_ids_are_distinct_and_in_order():
   server = reverb.Server(built, port=free_port())
   address = f'localhost:{server.port}'
   try:
-    tables.fill_actor_ids(address)
-    tables.fill_actor_ids(address)  # Idempotent: a restart keeps the queue.
-    assert [tables.claim_actor_id(address) for _ in range(3)] == [0, 1, 2]
+    actor_indices.fill_actor_ids(address)
+    actor_indices.fill_actor_ids(address)  # Idempotent: a restart keeps the queue.
+    assert [actor_indices.claim_actor_id(address) for _ in range(3)] == [0, 1, 2]
   finally:
     server.stop()
 
@@ -182,7 +183,7 @@ def test_auto_actor_id_needs_the_queue_table():
   server = reverb.Server(built, port=free_port())
   try:
     with pytest.raises(UserError, match="no 'actor_ids' table"):
-      tables.claim_actor_id(f'localhost:{server.port}')
+      actor_indices.claim_actor_id(f'localhost:{server.port}')
   finally:
     server.stop()
 

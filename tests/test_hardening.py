@@ -19,6 +19,7 @@ from tf_agents.train.utils import train_utils
 from common import agents
 from common import config as config_lib
 from common import environments
+from common import actor_indices
 from common import tables
 from common.errors import UserError
 from learner import dataset as dataset_lib
@@ -45,7 +46,7 @@ def test_claim_actor_id_gives_up_after_the_timeout():
   try:
     start = time.monotonic()
     with pytest.raises(UserError, match='no free actor index .* within 2s'):
-      tables.claim_actor_id(f'localhost:{server.port}', timeout_s=2)
+      actor_indices.claim_actor_id(f'localhost:{server.port}', timeout_s=2)
     assert time.monotonic() - start < 10
   finally:
     server.stop()
