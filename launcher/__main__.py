@@ -24,12 +24,16 @@ def children(argv_flags, ports, root_dir: str):
                                     '--variable_address=']
   kids = []
   for shard, port in enumerate(ports):
-    server_args = [f'--port={port}']
+    server_args = [f'--port={port}', f'--replay_shard={shard}']
+    # Each shard's checkpoints in a directory of its own, never one inside
+    # another's: Reverb keeps only the entry of a checkpoint directory whose
+    # name sorts last and deletes the rest, so a shard_1/ inside shard 0's
+    # directory would delete every checkpoint shard 0 writes.
     if not cf.CHECKPOINT_DIR.value:
       # Replay persists under the run's root_dir, so a re-run resumes it.
       server_args.append('--checkpoint_dir=' + os.path.join(
           root_dir, 'replay_checkpoints' + (f'_{shard}' if shard else '')))
-    elif shard:
+    elif len(ports) > 1:
       server_args.append('--checkpoint_dir=' + os.path.join(
           cf.CHECKPOINT_DIR.value, f'shard_{shard}'))
     name = 'replay_server' + (f'_{shard}' if shard else '')
@@ -66,7 +70,14 @@ def main(_):
       children(argv_flags, ports, root_dir), os.path.join(root_dir, 'logs'),
       train_steps=cf.TRAIN_STEPS.value,
       show_child_logs=cf.SHOW_CHILD_LOGS.value,
-      progress_interval_s=cf.PROGRESS_INTERVAL_S.value)
+      progress_interval_s=cf.PROGRESS_INTERVAL_S.value,
+      max_restarts=cf.MAX_ACTOR_RESTARTS.value,
+      restart_backoff_s=cf.RESTART_BACKOFF_S.value,
+      healthy_after_s=cf.HEALTHY_AFTER_S.value,
+      # An actor's own deadline after SIGTERM (--stop_timeout_s) comes first,
+      # so it says why it is late before the launcher kills it.
+      stop_grace_s={'actor': cf.STOP_TIMEOUT_S.value + 5,
+                    'evaluator': cf.STOP_TIMEOUT_S.value + 5})
   sys.exit(sup.run())
 
 

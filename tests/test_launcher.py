@@ -7,9 +7,11 @@ import re
 import signal
 import time
 
+from absl import flags
 import imageio
 import tensorflow as tf
 
+from launcher import __main__ as launcher_main
 from tests.cluster import TINY
 from tests.cluster import processes_naming
 
@@ -173,3 +175,57 @@ def test_launcher_runs_two_replay_shards(cluster, tmp_path):
   env_steps = sum(int(m) for m in re.findall(
       r'actor \d: training finished; (\d+) env steps', log))
   assert final['agent_steps'] >= 0.75 * env_steps, (final, env_steps)
+
+
+def _server_flags(argv):
+  """{shard: {flag: its last value}} of the servers children() starts."""
+  flags.FLAGS(['launcher'] + argv)
+  try:
+    ports = [8000, 8001][:flags.FLAGS.replay_shards]
+    kids = launcher_main.children(argv, ports, '/runs/r')
+  finally:
+    flags.FLAGS.unparse_flags()
+  servers = [kid for kid in kids if kid.module == 'replay_server']
+  return {shard: dict(a[2:].split('=', 1) for a in kid.args if '=' in a)
+          for shard, kid in enumerate(servers)}
+
+
+def test_replay_shards_never_share_or_nest_checkpoint_directories():
+  """Reverb keeps the entry of its directory that sorts last: a shard_1/
+  inside shard 0's directory would delete every checkpoint shard 0 wrote."""
+  two = _server_flags(['--checkpoint_dir=/ckpt', '--replay_shards=2'])
+  assert [two[k]['checkpoint_dir'] for k in (0, 1)] == ['/ckpt/shard_0',
+                                                        '/ckpt/shard_1']
+  assert [(two[k]['port'], two[k].get('replay_shard')) for k in (0, 1)] == [
+      ('8000', '0'), ('8001', '1')]
+  one = _server_flags(['--checkpoint_dir=/ckpt'])
+  assert one[0]['checkpoint_dir'] == '/ckpt'
+  default = _server_flags(['--replay_shards=2'])
+  assert [default[k]['checkpoint_dir'] for k in (0, 1)] == [
+      '/runs/r/replay_checkpoints', '/runs/r/replay_checkpoints_1']
+  for servers in (two, default):
+    a, b = (servers[k]['checkpoint_dir'] for k in (0, 1))
+    assert os.path.commonpath([a, b]) not in (a, b)  # Siblings.
+
+
+def test_no_actor_left_stops_the_cluster_with_one_line(cluster, tmp_path):
+  """The only actor dies past its restarts: the run stops, never starves."""
+  root = str(tmp_path / 'run')
+  launcher = cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', '--train_steps=100000', '--num_actors=1',
+      '--with_evaluator=false', '--max_actor_restarts=0'])
+  # As soon as it runs: what the learner does meanwhile does not matter.
+  cluster.wait_for_log('launcher', r'\[launcher\] started', 60)
+  actor = [p for p, argv in _children_of(root, launcher.pid).items()
+           if '--mode=collect' in argv]
+  assert len(actor) == 1
+  os.kill(actor[0], signal.SIGKILL)
+  cluster.wait_for_log('launcher', 'no actor is left to collect', 30)
+  assert cluster.wait('launcher', 90) == 1, cluster.tail('launcher', 60)
+  log = cluster.log('launcher')
+  assert ('[launcher] error: no actor is left to collect while the learner '
+          'trains (actor_0 died with exit code -9, not restarted: 1 '
+          'consecutive failure, --max_actor_restarts=0); stopping the '
+          'cluster') in log, log[-3000:]
+  assert 'restarting actor_0' not in log
+  assert not _children_of(root, launcher.pid), 'orphans left behind'
