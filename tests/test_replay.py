@@ -120,7 +120,9 @@ def test_n_step_items_have_n_plus_one_steps_in_the_signature():
   assert agents.replay_signature(agent).observation.shape[0] == 4
 
 
-def test_restore_keeps_priorities():
+def test_restore_keeps_items_and_priorities():
+  """As Reverb's own SaveAndLoad test: every item comes back with its data
+  (each step) and its priority, not only the table's size."""
   replay = config_lib.ReplayConfig(prioritized=True, min_size_to_sample=1,
                                    samples_per_insert=None)
   checkpoints = tempfile.mkdtemp()
@@ -130,28 +132,36 @@ def test_restore_keeps_priorities():
     server = tables.start_server([table], free_port(), checkpoints)
     return server, reverb.Client(f'localhost:{server.port}')
 
-  def priorities_by_key(client):
+  def items_by_key(client):
+    """{key: (priority, the item's steps)}, from enough samples to see all."""
     samples = client.sample(config_lib.REPLAY_TABLE, num_samples=300)
-    return {s[0].info.key: s[0].info.priority for s in samples}
+    # The Python sampler hands back one entry per step of an item.
+    return {s[0].info.key: (s[0].info.priority,
+                            tuple(float(step.data[0]) for step in s))
+            for s in samples}
 
   server, client = serve()
   try:
     with client.trajectory_writer(2) as writer:
       for i in range(6):
-        writer.append(np.float32(i))
+        writer.append(np.float32(10 * i + 1))
         if i:
           writer.create_item(config_lib.REPLAY_TABLE, priority=1.0,
                              trajectory=writer.history[-2:])
-    keys = sorted(priorities_by_key(client))
+    keys = sorted(items_by_key(client))
     assert len(keys) == 5
     written = {key: float(i + 2) for i, key in enumerate(keys)}
     client.mutate_priorities(config_lib.REPLAY_TABLE, updates=written)
+    before = items_by_key(client)
+    assert {p for p, _ in before.values()} == set(written.values())
+    assert sorted(steps for _, steps in before.values()) == [
+        (10 * i + 1, 10 * i + 11) for i in range(5)]
     client.checkpoint()
   finally:
     server.stop()
   server, client = serve()
   try:
-    assert priorities_by_key(client) == written
+    assert items_by_key(client) == before
   finally:
     server.stop()
 

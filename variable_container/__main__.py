@@ -13,7 +13,8 @@ def main(_):
                                    env_options=cluster_flags.env_options())
   tables_lib.serve(tables, cluster_flags.PORT.value, stop,
                    checkpoint_dir=cluster_flags.CHECKPOINT_DIR.value,
-                   checkpoint_interval_s=cluster_flags.CHECKPOINT_INTERVAL_S.value)
+                   checkpoint_interval_s=cluster_flags.CHECKPOINT_INTERVAL_S.value,
+                   contract=cluster_flags.run_contract())
 
 
 if __name__ == '__main__':
