@@ -4,7 +4,8 @@
 # server's container is killed; Swarm restarts it, it restores its tables from
 # its checkpoint volume, and the same learner and actors (never restarted)
 # carry on: the learner finishes at --train_steps, train_step never reset.
-# Then `docker stack rm` leaves nothing running.
+# TensorBoard answers on the node's loopback only. Then `docker stack rm`
+# leaves nothing running. Deploys with deploy/swarm/deploy.sh, as users do.
 #   docker/test_swarm.sh    (after docker/test_compose.sh --install; root)
 # Leaves the swarm and stops the dockerd it started.
 set -euo pipefail
@@ -56,8 +57,6 @@ if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != "active" ]; then
   docker swarm init --advertise-addr 127.0.0.1 >/dev/null
   swarm_started=1
 fi
-node="$(docker node ls -q | head -n 1)"
-docker node update --label-add sac.replay=true --label-add sac.eval=true "$node" >/dev/null
 
 # The stack as users deploy it; only the flagfile differs: small counts, a
 # fast environment, a checkpoint every 3 s.
@@ -91,9 +90,12 @@ sed -e "s#file: ../../docker/cluster.flags#file: $work/cluster.flags#" \
     deploy/swarm/docker-stack.yml >"$work/stack.yml"
 grep -q "replicas: 3" "$work/stack.yml" || fail "could not set 3 actor replicas"
 
-say "docker stack deploy ($stack: 3 actors)"
-if ! docker stack deploy --resolve-image never -c "$work/stack.yml" "$stack" >"$work/deploy.log" 2>&1; then
-  cat "$work/deploy.log" >&2; fail "docker stack deploy failed"
+# Deployed as the README says (deploy/swarm/deploy.sh labels this node for
+# every placement constraint, then deploys); only the stack file differs.
+say "deploy/swarm/deploy.sh ($stack: 3 actors)"
+if ! SAC_STACK_FILE="$work/stack.yml" SAC_DEPLOY_ARGS="--resolve-image never" \
+    deploy/swarm/deploy.sh "$stack" >"$work/deploy.log" 2>&1; then
+  cat "$work/deploy.log" >&2; fail "deploy/swarm/deploy.sh failed"
 fi
 
 # Waits until `$2` (a command) succeeds; $1 seconds at most.
@@ -141,6 +143,17 @@ say "restarted server: $line"
 items="$(echo "$line" | grep -oE 'uniform_table=[0-9]+' | grep -oE '[0-9]+' || echo 0)"
 [ "$items" -gt 0 ] || fail "the replay table came back empty: $line"
 echo "$line" | grep -qE 'variables=[1-9]' || fail "the weights were not restored: $line"
+
+# TensorBoard answers on the node's loopback, and on no other address.
+tensorboard_up() { (exec 3<>/dev/tcp/127.0.0.1/6006) 2>/dev/null; }
+wait_for 120 tensorboard_up || fail "TensorBoard does not answer on 127.0.0.1:6006"
+for ip in $(hostname -I 2>/dev/null); do
+  case "$ip" in 127.*|*:*) continue ;; esac
+  if (exec 3<>"/dev/tcp/$ip/6006") 2>/dev/null; then
+    fail "TensorBoard answers on $ip:6006: it must listen on the loopback only"
+  fi
+done
+say "TensorBoard on 127.0.0.1:6006 only"
 
 say "waiting for the learner to finish"
 code="$(timeout 400 docker wait "$learner_id")" || fail "learner still running after 400s"

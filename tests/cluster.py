@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import portpicker
 
@@ -26,6 +26,27 @@ TINY = [
 
 def free_port() -> int:
   return portpicker.pick_unused_port()
+
+
+T = TypeVar('T')
+
+
+def wait_until(condition: Callable[[], T], timeout: float,
+               describe: Callable[[], str], interval: float = 0.5) -> T:
+  """Polls `condition` until it returns a truthy value, at most `timeout` s.
+
+  Tests wait on what they claim, never sleep a fixed time and then compare a
+  count: a loaded CI machine is slower, not wrong. On timeout the assertion
+  says `describe()` (what was awaited and what was seen).
+  """
+  deadline = time.monotonic() + timeout
+  while True:
+    value = condition()
+    if value:
+      return value
+    if time.monotonic() >= deadline:
+      raise AssertionError(f'not within {timeout}s: {describe()}')
+    time.sleep(interval)
 
 
 class Cluster:

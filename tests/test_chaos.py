@@ -154,13 +154,17 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
   _wait_log_count(cluster, 'replay_server', r'checkpoint \(periodic\) written',
                   written + 1, 30)
 
+  outage = (r'waiting for replay data at train_step \d+ for \d+s: replay '
+            r'server not answering')
+  outages_before = len(re.findall(outage, cluster.log('learner')))
   cluster.signal('replay_server', signal.SIGKILL)
   cluster.wait('replay_server', 10)
   checkpointed = [int(n) for n in re.findall(
       r'checkpoint \(periodic\) written .*uniform_table=(\d+)',
       cluster.log('replay_server'))]
   at_kill = _train_steps(cluster.log('learner'))[-1]
-  time.sleep(3)  # An outage the clients must notice and ride out.
+  # An outage the clients must notice (and log) before the server is back.
+  _wait_log_count(cluster, 'learner', outage, outages_before + 1, 60)
 
   cluster.start('replay_server_again', 'replay_server', server_flags)
   restored = cluster.wait_for_log(

@@ -247,3 +247,205 @@ def test_every_package_is_installed_by_pyproject():
       if '__init__.py' in files:
         found.add(os.path.relpath(path, root).replace(os.sep, '.'))
   assert found <= listed, sorted(found - listed)
+
+
+def _dockerfile_user():
+  """The uid and gid the image runs as (its last USER line, numeric)."""
+  with open(os.path.join(REPO_ROOT, 'docker', 'Dockerfile')) as f:
+    users = re.findall(r'^USER\s+(\S+)', f.read(), re.M)
+  assert users, 'docker/Dockerfile has no USER line: the image runs as root'
+  uid, _, gid = users[-1].partition(':')
+  # Numeric: Kubernetes can verify runAsNonRoot only for a numeric user.
+  assert uid.isdigit() and int(uid) > 0, users[-1]
+  assert not gid or (gid.isdigit() and int(gid) > 0), users[-1]
+  return int(uid), int(gid) if gid else None
+
+
+def _kustomize(directory):
+  if not shutil.which('kubectl'):
+    pytest.skip('kubectl is not installed (kustomize builds offline with it)')
+  out = subprocess.run(
+      ['kubectl', 'kustomize', os.path.join(REPO_ROOT, 'deploy', directory)],
+      capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.parametrize('directory', ['k8s', 'k8s-shards'])
+def test_kubernetes_pods_run_as_non_root_on_a_read_only_root(directory):
+  """Every container of every pod: the image's non-root user, no privilege
+  escalation, no capabilities, a read-only root filesystem, and a writable
+  emptyDir /tmp (the image's caches go there)."""
+  uid, gid = _dockerfile_user()
+  pods = [(d['metadata']['name'], d['spec']['template']['spec'])
+          for d in _kustomize(directory)
+          if d['kind'] in ('Deployment', 'StatefulSet', 'DaemonSet', 'Job')]
+  assert len(pods) >= 4, [name for name, _ in pods]
+  for name, pod in pods:
+    pod_context = pod.get('securityContext', {})
+    assert pod_context.get('runAsNonRoot') is True, (name, pod_context)
+    assert pod_context.get('runAsUser') == uid, (name, pod_context)
+    if gid is not None:
+      assert pod_context.get('runAsGroup') == gid, (name, pod_context)
+    # Volumes are writable by the image's group.
+    assert pod_context.get('fsGroup') == (gid or uid), (name, pod_context)
+    volumes = {v['name']: v for v in pod.get('volumes', [])}
+    for container in pod['containers'] + pod.get('initContainers', []):
+      where = f'{name}/{container["name"]}'
+      context = container.get('securityContext', {})
+      assert context.get('allowPrivilegeEscalation') is False, (where, context)
+      assert context.get('readOnlyRootFilesystem') is True, (where, context)
+      assert 'ALL' in context.get('capabilities', {}).get('drop', []), (
+          where, context)
+      assert context.get('runAsUser', uid) != 0, (where, context)
+      mounts = {m['mountPath']: m for m in container.get('volumeMounts', [])}
+      assert '/tmp' in mounts and not mounts['/tmp'].get('readOnly'), where
+      assert 'emptyDir' in volumes[mounts['/tmp']['name']], where
+
+
+def _swarm_stack():
+  with open(os.path.join(REPO_ROOT, 'deploy', 'swarm',
+                         'docker-stack.yml')) as f:
+    return yaml.safe_load(f)
+
+
+def test_swarm_stack_publishes_no_port_and_tensorboard_stays_on_loopback():
+  """Swarm publishes a port on every interface of a node (host mode) or of
+  every node (ingress) and cannot bind it to the loopback: so no port at all.
+  TensorBoard listens on the loopback of its node's host network."""
+  stack = _swarm_stack()
+  for name, service in stack['services'].items():
+    assert not service.get('ports'), f'{name} publishes {service["ports"]}'
+    command = ' '.join(service.get('command', []))
+    assert '--bind_all' not in command, (name, command)
+  tensorboard = stack['services']['tensorboard']
+  assert '--host=127.0.0.1' in tensorboard['command']
+  networks = tensorboard['networks']
+  assert len(networks) == 1, networks
+  network = stack['networks'][networks[0]]
+  assert network.get('external') and network.get('name') == 'host', network
+
+
+def test_tensorboard_listens_on_loopback_in_every_deployment():
+  """Kubernetes: the pod's loopback (kubectl port-forward reaches it);
+  compose: published on 127.0.0.1 only."""
+  if shutil.which('kubectl'):
+    for doc in _kustomize('k8s'):
+      if doc['kind'] != 'Deployment':
+        continue
+      for container in doc['spec']['template']['spec']['containers']:
+        if container['name'] == 'tensorboard':
+          assert '--host=127.0.0.1' in container['args'], container
+          assert '--bind_all' not in container['args'], container
+  with open(os.path.join(REPO_ROOT, 'docker-compose.yml')) as f:
+    compose = yaml.safe_load(f)
+  for name, service in compose['services'].items():
+    for port in service.get('ports', []):
+      assert str(port).startswith('127.0.0.1:'), (name, port)
+
+
+def test_compose_restarts_a_failed_learner_and_leaves_a_finished_one_down():
+  """on-failure: a crashed learner restarts and resumes from the checkpoint
+  on its volume; one that finished (exit 0) is not started again."""
+  with open(os.path.join(REPO_ROOT, 'docker-compose.yml')) as f:
+    compose = yaml.safe_load(f)
+  learner = compose['services']['learner']
+  assert learner.get('restart') == 'on-failure', learner.get('restart')
+  # Resumes: its --root_dir is on a named volume, not the container's layer.
+  assert '--root_dir=/data' in learner['command']
+  assert any(str(v).startswith('sac_data:/data') for v in learner['volumes'])
+  swarm = _swarm_stack()['services']['learner']['deploy']['restart_policy']
+  assert swarm == {'condition': 'on-failure'}, swarm
+
+
+def _placement_labels(stack):
+  """{(label, value)} of every `node.labels.X == Y` constraint."""
+  labels = set()
+  for service in stack['services'].values():
+    placement = service.get('deploy', {}).get('placement', {})
+    for constraint in placement.get('constraints', []):
+      m = re.fullmatch(r'\s*node\.labels\.(\S+?)\s*==\s*(\S+)\s*', constraint)
+      if m:
+        labels.add(m.groups())
+  return labels
+
+
+def _run_deploy_script(tmp_path, args=(), env=None):
+  """deploy/swarm/deploy.sh with a `docker` on the PATH that records its
+  arguments (no Docker engine here; docker/test_swarm.sh runs the real one)."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  calls = tmp_path / 'calls'
+  fake = bin_dir / 'docker'
+  fake.write_text('#!/bin/sh\n'
+                  f'echo "$*" >> {calls}\n'
+                  'if [ "$1" = info ]; then echo this-node; fi\n')
+  fake.chmod(0o755)
+  out = subprocess.run(
+      [os.path.join(REPO_ROOT, 'deploy', 'swarm', 'deploy.sh')] + list(args),
+      capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+      env=dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}',
+               **(env or {})))
+  recorded = calls.read_text().splitlines() if calls.exists() else []
+  return out, recorded
+
+
+def test_swarm_deploy_script_labels_every_node_the_stack_is_pinned_to(
+    tmp_path):
+  """A service whose placement label no node carries stays Pending: the one
+  deploy step (README and docker/test_swarm.sh) labels every one of them."""
+  stack_path = os.path.join(REPO_ROOT, 'deploy', 'swarm', 'docker-stack.yml')
+  labels = _placement_labels(_swarm_stack())
+  assert ('sac.replay', 'true') in labels and ('sac.eval', 'true') in labels
+  out, calls = _run_deploy_script(tmp_path, ['sac', 'node-a', 'node-b'])
+  assert out.returncode == 0, out.stderr
+  added = set()
+  for call in calls:
+    m = re.fullmatch(r'node update --label-add (\S+)=(\S+) (\S+)', call)
+    if m:
+      added.add(m.groups())
+  assert {(label, value) for label, value, _ in added} == labels, calls
+  assert ('sac.replay', 'true', 'node-a') in added, calls
+  assert ('sac.eval', 'true', 'node-b') in added, calls
+  # Labels first, then the stack, from the stack file beside the script.
+  assert calls[-1] == f'stack deploy -c {stack_path} sac', calls
+  # Defaults: this node for every label, stack `sac`.
+  (tmp_path / 'defaults').mkdir()
+  out, calls = _run_deploy_script(tmp_path / 'defaults')
+  assert out.returncode == 0, out.stderr
+  assert all(c.endswith(' this-node') for c in calls
+             if c.startswith('node update')), calls
+  assert calls[-1].endswith(' sac'), calls
+
+
+def test_swarm_deploy_script_refuses_a_label_it_does_not_set(tmp_path):
+  stack = tmp_path / 'stack.yml'
+  with open(os.path.join(REPO_ROOT, 'deploy', 'swarm',
+                         'docker-stack.yml')) as f:
+    stack.write_text(f.read().replace('node.labels.sac.eval == true',
+                                      'node.labels.sac.gpu == true'))
+  out, calls = _run_deploy_script(tmp_path,
+                                  env={'SAC_STACK_FILE': str(stack)})
+  assert out.returncode == 2, (out.stdout, out.stderr)
+  errors = out.stderr.strip().splitlines()
+  assert len(errors) == 1 and 'node.labels.sac.gpu' in errors[0], errors
+  assert not any(c.startswith('stack deploy') for c in calls), calls
+
+
+def test_readme_swarm_steps_are_the_ones_ci_runs():
+  """The README deploys with deploy/swarm/deploy.sh, as docker/test_swarm.sh
+  does; a bare `docker stack deploy -c` in either must come with a
+  `--label-add` for every placement label of the stack."""
+  with open(os.path.join(REPO_ROOT, 'README.md')) as f:
+    readme = f.read()
+  with open(os.path.join(REPO_ROOT, 'docker', 'test_swarm.sh')) as f:
+    ci = f.read()
+  assert 'deploy/swarm/deploy.sh' in readme
+  assert re.search(r'^[^#\n]*deploy/swarm/deploy\.sh', ci, re.M), (
+      'docker/test_swarm.sh does not deploy with deploy/swarm/deploy.sh')
+  for text, where in ((readme, 'README.md'), (ci, 'docker/test_swarm.sh')):
+    if re.search(r'docker stack deploy\s.*(-c|--compose-file)\s', text):
+      for label, value in _placement_labels(_swarm_stack()):
+        assert f'--label-add {label}={value}' in text, (
+            f'{where} runs docker stack deploy without labelling a node '
+            f'{label}={value}: that service would stay Pending')

@@ -32,9 +32,11 @@ def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
     cluster.wait_for_log(f'actor_{task}',
                          f'waiting for Reverb server at {address}', 120)
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
-  cluster.wait_for_log('learner', f'waiting for Reverb server at {address}',
-                       120)
-  time.sleep(2)
+  # Each client keeps retrying: it logs the wait again after 5 s (and the
+  # actors, started first, have waited at least as long by then).
+  cluster.wait_for_log(
+      'learner', rf'waiting for Reverb server at {address} \([1-9]\d*s of',
+      120)
   for name in ('learner', 'actor_0', 'actor_1'):
     assert cluster.procs[name].poll() is None, cluster.tail(name)
 

@@ -109,28 +109,41 @@ def test_card_game_learns_near_optimal_play(cluster, tmp_path):
   assert 'cannot render; no video' not in log  # --video_episodes=0
 
 
-def test_pendulum_discretized_learns_with_dqn(cluster, tmp_path):
-  """DQN on 5 discrete torques: final return clearly above the untrained one.
+# A learner that does not learn (DQN_PENDULUM_LEARNING_RATE=0) fails the
+# test below; the default is DQN's.
+DQN_PENDULUM_LEARNING_RATE = os.environ.get('DQN_PENDULUM_LEARNING_RATE')
 
-  Both measured in the same run over the same 10 evaluation episodes. One
-  train step per collected transition, 6000 steps: at 3000 steps with 4
-  train steps per transition the final return ranged from 450 to 180 above
-  the untrained one between runs and on a loaded machine (CI failed once);
-  at these settings 4 seeds, 2 runs at a time, ended 820 to 1200 above it,
-  and three later runs of seed 1 ended 1139, 1275 and (a CI run) 355 above.
-  A learner that does not learn stays near 0.
+
+def test_pendulum_discretized_learns_with_dqn(cluster, tmp_path):
+  """DQN on 5 discrete torques: the final return is >= 200 above the untrained.
+
+  Both measured in the same run over the same 10 evaluation episodes; the
+  untrained greedy policy scores -1508 in every run of seed 1. One train step
+  per collected transition, 6000 steps. The runs do not reproduce (actors and
+  learner interleave differently), so the spread of final minus untrained,
+  seed 1, over 10 runs one at a time on the shared 2-core machine:
+  601, 718, 864, 866, 930, 942, 1208, 1266, 1280, 1301 (the three slowed
+  by load to 159-205 s, from about 45 s, ended 601, 864 and 930); a CI run
+  once ended 355, and two 10000-step runs 593 and 1228 (more steps do not
+  raise the floor). A learner that does not learn (DQN_PENDULUM_LEARNING_RATE=0) ends
+  -17 in every run: same greedy policy, same seeded evaluation. +200 lies 217
+  above that and 155 below the lowest run seen.
   """
   root = str(tmp_path)
+  learning_rate = ([f'--dqn_learning_rate={DQN_PENDULUM_LEARNING_RATE}']
+                   if DQN_PENDULUM_LEARNING_RATE is not None else [])
   cluster.start('launcher', 'launcher', SMALL + [
       '--env=Pendulum-v1', '--agent=dqn', '--discretize_actions=5',
       '--seed=1', '--initial_collect_steps=1000', '--min_size_to_sample=1000',
       '--samples_per_insert=64', '--train_steps=6000', '--eval_interval=6000',
-      f'--root_dir={root}'])
+      f'--root_dir={root}'] + learning_rate)
   assert cluster.wait('launcher', 300) == 0, cluster.tail('launcher', 60)
   rows = _metrics(root)
   assert [r['train_step'] for r in rows] == [0, 6000], rows
   untrained, final = rows[0]['AverageReturn'], rows[-1]['AverageReturn']
-  assert final >= untrained + 300, (untrained, final)
+  assert final >= untrained + 200, (
+      f'final greedy return {final:.0f} is not 200 above the untrained '
+      f'{untrained:.0f} (a learning DQN ends 355 to 1301 above it)')
 
 
 @pytest.mark.slow
