@@ -6,7 +6,9 @@ from common import cluster_flags as cf
 
 
 def main(_):
-  stop = process.StopRequest().install()
+  # A stop that takes longer (an environment stuck in a step) ends the
+  # actor anyway: SIGTERM always ends it.
+  stop = process.StopRequest(deadline_s=cf.STOP_TIMEOUT_S.value).install()
   if cf.MODE.value == 'eval':
     from actor import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(evaluate.EvalSettings(
@@ -23,7 +25,10 @@ def main(_):
         video_interval=cf.VIDEO_INTERVAL.value,
         video_size=cf.video_size(),
         replay_shards=cf.replay_addresses(),
-        seed=cf.SEED.value), stop)
+        seed=cf.SEED.value,
+        contract=cf.run_contract(),
+        variables_on_shards=cf.variables_on_shards(),
+        env_step_timeout_s=cf.ENV_STEP_TIMEOUT_S.value), stop)
     return
   from actor import collect  # pylint: disable=g-import-not-at-top
   collect.collect(collect.ActorSettings(
@@ -43,7 +48,10 @@ def main(_):
       server_timeout_s=cf.SERVER_TIMEOUT_S.value,
       log_interval_s=cf.LOG_INTERVAL_S.value,
       seed=cf.SEED.value,
-      replay_shards=cf.replay_addresses()), stop)
+      replay_shards=cf.replay_addresses(),
+      contract=cf.run_contract(),
+      variables_on_shards=cf.variables_on_shards(),
+      env_step_timeout_s=cf.ENV_STEP_TIMEOUT_S.value), stop)
 
 
 if __name__ == '__main__':

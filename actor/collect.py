@@ -11,7 +11,7 @@ variables table) reaches `max_train_steps`, or on SIGTERM.
 import dataclasses
 import os
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Mapping, Optional, Tuple
 
 from absl import logging
 import reverb
@@ -22,13 +22,14 @@ from actor import collector as collector_lib
 from actor import env_processes
 from actor.writer import CollectionStopped
 from actor.writer import StoppableTrajectoryObserver
+from common import actor_indices
 from common import agents
 from common import config as config_lib
+from common import contract
 from common import environments
 from common import outputs
 from common import progress
 from common import reverb_connection
-from common import actor_indices
 from common import tables
 from variable_container import VariableContainerClient
 
@@ -37,7 +38,8 @@ from variable_container import VariableContainerClient
 class ActorSettings:
   env_name: str
   root_dir: str
-  replay_address: str  # The first shard: actor indices, max priority.
+  replay_address: str  # The first shard: the max priority (without
+  # variables on every shard).
   variable_address: str
   max_train_steps: int
   task: Optional[int] = 0  # None: take the next free index from the server.
@@ -56,6 +58,14 @@ class ActorSettings:
   # Every replay shard (empty: replay_address alone); actor i writes to
   # shard i mod S.
   replay_shards: Tuple[str, ...] = ()
+  # The run's contract (cluster_flags.run_contract), checked against the
+  # write shard's at connect; None: not checked.
+  contract: Optional[Mapping] = None
+  # No --variable_address: every shard serves the weights and train_step,
+  # and this actor reads them (and the max priority) from its write shard.
+  variables_on_shards: bool = False
+  # An environment step or reset that takes longer ends the actor (exit 2).
+  env_step_timeout_s: float = 60.0
 
 
 def initial_collect_share(total: int, num_actors: int, task: int) -> int:
@@ -91,21 +101,34 @@ def collect(s: ActorSettings,
   """Collects until training ends or `should_stop()`; returns env steps."""
   who = 'actor' if s.task is None else f'actor {s.task}'
   outputs.ensure_writable_dir(s.root_dir)
-  info = reverb_connection.wait_for_server(
-      s.replay_address, s.server_timeout_s, who, should_stop)
+  shards = s.replay_shards or (s.replay_address,)
   task = s.task
   if task is None:
-    task = actor_indices.claim_actor_id(s.replay_address, s.server_timeout_s,
-                                 should_stop)
+    task = actor_indices.claim_actor_id(shards, s.server_timeout_s,
+                                        should_stop)
     who = f'actor {task}'
-    logging.info('%s: took index %d from %s', who, task, s.replay_address)
+    logging.info('%s: took index %d from %s', who, task,
+                 shards[actor_indices.shard_of(task, len(shards))])
+  # The index is renewed from the moment it is taken, on the shard that
+  # handed it out (also a fixed --task: it stays out of what that shard hands
+  # out); an actor that dies lets it expire there.
+  write_address = shards[actor_indices.shard_of(task, len(shards))]
+  lease = actor_indices.ActorLease(write_address, task).start()
+  try:
+    return _connect_and_collect(s, should_stop, who, task, write_address)
+  finally:
+    lease.stop()
+
+
+def _connect_and_collect(s: ActorSettings, should_stop, who, task,
+                         write_address) -> int:
   shards = s.replay_shards or (s.replay_address,)
-  write_address = shards[task % len(shards)]
-  if write_address != s.replay_address:
+  if len(shards) > 1:
     logging.info('%s: writes to replay shard %d of %d at %s', who,
-                 task % len(shards), len(shards), write_address)
-    info = reverb_connection.wait_for_server(
-        write_address, s.server_timeout_s, who, should_stop)
+                 shards.index(write_address), len(shards), write_address)
+  info = reverb_connection.wait_for_server(
+      write_address, s.server_timeout_s, who, should_stop)
+  contract.check(write_address, s.contract, who, server_info=info)
   # One batch of environments (`envs_per_actor` in this process, or in each
   # of `env_processes` subprocesses) behind one policy call per step.
   n = s.envs_per_actor * s.env_processes
@@ -115,10 +138,11 @@ def collect(s: ActorSettings,
                  s.env_processes)
     env = env_processes.EnvironmentProcesses(
         s.env_name, [seeds[k * s.envs_per_actor:(k + 1) * s.envs_per_actor]
-                     for k in range(s.env_processes)], s.env_options)
+                     for k in range(s.env_processes)], s.env_options,
+        step_timeout_s=s.env_step_timeout_s)
   else:
-    env = env_processes.InProcessEnvironments(s.env_name, seeds,
-                                              s.env_options)
+    env = env_processes.InProcessEnvironments(
+        s.env_name, seeds, s.env_options, step_timeout_s=s.env_step_timeout_s)
   try:
     return _collect(s, should_stop, who, task, info, write_address, env)
   finally:
@@ -141,14 +165,20 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
   reverb_connection.check_table_signature(
       info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
       write_address)
-  container = VariableContainerClient(s.variable_address, variables,
+  # With variables on every shard, this actor reads its own write shard:
+  # the loss of another shard (the first included) does not stop it.
+  variable_address = (write_address if s.variables_on_shards else
+                      s.variable_address)
+  container = VariableContainerClient(variable_address, variables,
                                       s.server_timeout_s, who, should_stop)
   done = _DoneCheck(container, s.max_train_steps, should_stop,
                     s.done_check_interval_s)
   client = reverb.Client(write_address)
-  # The learner publishes the max priority on the first shard.
-  first_client = (client if write_address == s.replay_address else
-                  reverb.Client(s.replay_address))
+  # The learner publishes the max priority on the first shard, and with
+  # variables on every shard, on every shard.
+  priority_client = (
+      client if s.variables_on_shards or write_address == s.replay_address
+      else reverb.Client(s.replay_address))
   item_length = agents.sequence_length(agent)
   observers = [StoppableTrajectoryObserver(client, done, item_length, who=who)
                for _ in range(n)]
@@ -159,7 +189,7 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
 
   def update_priority():
     try:
-      priority = tables.read_max_priority(first_client)
+      priority = tables.read_max_priority(priority_client)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('%s: cannot read the max priority (%s); keeping the '
                       'last one', who, type(e).__name__)
@@ -179,9 +209,6 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
                    'acting with %s', who, phase, collector.env_steps, rate,
                    env.episodes, policy)
 
-  # Tells the server, also after it restarts, that this index is taken
-  # (from here on: a process that fails its checks leaves no trace).
-  lease = actor_indices.ActorLease(s.replay_address, task).start()
   summary_writer = None
   try:
     # The random initial collect fills the table before the first train step;
@@ -246,7 +273,6 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
   except CollectionStopped:
     pass
   finally:
-    lease.stop()
     if summary_writer is not None:
       summary_writer.flush()
   reason = 'stop requested' if should_stop() else 'training finished'

@@ -2,8 +2,9 @@
 
 Both classes hold environments in groups that step independently: `send`
 a group's actions, `wait` for groups that have finished, `receive` their
-time steps (one per environment; each environment auto-resets after its
-LAST step, as TF-Agents' `PyEnvironment` does). `InProcessEnvironments` is
+time steps (one per environment; each environment is reset by the step
+after its LAST, whatever the environment itself does then:
+`common.environments.reset_after_last`). `InProcessEnvironments` is
 one group, stepped in `receive`. `EnvironmentProcesses` runs one group per
 subprocess (each stepping its environments in turn), so one actor with one
 policy can keep several cores busy.
@@ -14,17 +15,27 @@ them when it has finished its step) and die with the actor: on the EOF of
 their pipe and, on Linux, by a parent-death signal if it is killed. An
 environment that raises in a subprocess ends the actor with one line naming
 it.
+
+A step or reset that takes longer than `step_timeout_s` (a hung simulator)
+ends the actor with one line naming the environment and the timeout, exit
+code 2: a subprocess's is killed and raised as a UserError; one in this
+process cannot be interrupted, so a watchdog thread ends the process
+(`StepWatchdog`).
 """
 
+import contextlib
 import multiprocessing
 from multiprocessing import connection
 import os
 import signal
-from typing import List, Sequence
+import threading
+import time
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 from common import environments
+from common import process
 from common.errors import UserError
 
 # How long a subprocess may take to load its environments.
@@ -49,12 +60,79 @@ def _load(env_name: str, seeds: Sequence[int],
       env_name, seed=seed, options=options)) for seed in seeds]
 
 
+def _timeout_message(env_name: str, what: str, timeout_s: float,
+                     where: str = '') -> str:
+  return (f'environment {env_name}{where}: a {what} took longer than '
+          f'--env_step_timeout_s={timeout_s:g}s (hung?); fix the environment '
+          'or raise --env_step_timeout_s')
+
+
+class StepWatchdog:
+  """Ends the process when an environment call in it outlasts `timeout_s`.
+
+  A step in this process cannot be interrupted (it may be stuck in C code),
+  so a thread watches the call in progress and, past the timeout, calls
+  `on_timeout(message)`: by default one line and exit code 2
+  (`process.exit_with_error`), as a UserError would end the process.
+  """
+
+  def __init__(self, env_name: str, timeout_s: float,
+               on_timeout: Callable[[str], None] = process.exit_with_error):
+    self._env_name = env_name
+    self._timeout_s = timeout_s
+    self._on_timeout = on_timeout
+    self._busy = None  # (what, since) of the call in progress.
+    self._thread = None
+
+  @contextlib.contextmanager
+  def guard(self, what: str):
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._watch, daemon=True,
+                                      name='env-step-watchdog')
+      self._thread.start()
+    self._busy = (what, time.monotonic())
+    try:
+      yield
+    finally:
+      self._busy = None
+
+  def _watch(self) -> None:
+    while True:
+      time.sleep(min(1.0, self._timeout_s / 4))
+      busy = self._busy
+      if busy is not None and time.monotonic() - busy[1] > self._timeout_s:
+        self._on_timeout(_timeout_message(self._env_name, busy[0],
+                                          self._timeout_s))
+        return
+
+
+def watched(env, watchdog: StepWatchdog):
+  """`env` with each step and reset under `watchdog`."""
+  from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
+
+  class Watched(wrappers.PyEnvironmentBaseWrapper):
+
+    def _reset(self):
+      with watchdog.guard('reset'):
+        return self._env.reset()
+
+    def _step(self, action):
+      with watchdog.guard('step'):
+        return self._env.step(action)
+
+  return Watched(env)
+
+
 class InProcessEnvironments:
   """Environments stepped one after another in the actor's own process."""
 
   def __init__(self, env_name: str, seeds: Sequence[int],
-               options: environments.EnvOptions):
+               options: environments.EnvOptions,
+               step_timeout_s: Optional[float] = None):
     self._envs = _load(env_name, seeds, options)
+    if step_timeout_s:
+      watchdog = StepWatchdog(env_name, step_timeout_s)
+      self._envs = [watched(env, watchdog) for env in self._envs]
     self.batch_size = len(self._envs)
     self.num_groups = 1
     self._indices = list(range(self.batch_size))
@@ -167,12 +245,17 @@ class EnvironmentProcesses:
   """
 
   def __init__(self, env_name: str, seeds_per_process: Sequence[Sequence[int]],
-               options: environments.EnvOptions):
+               options: environments.EnvOptions,
+               step_timeout_s: Optional[float] = None):
     context = multiprocessing.get_context('spawn')
+    self._env_name = env_name
+    self._step_timeout_s = step_timeout_s
+    self._sent_at = {}  # group -> when its step was sent.
     self._conns, self._procs, self._sizes = [], [], []
     self._episodes = [0] * len(seeds_per_process)
     self._resets = [0] * len(seeds_per_process)
     self._closed = False
+    self._hung = set()
     try:
       for seeds in seeds_per_process:
         ours, theirs = context.Pipe()
@@ -212,10 +295,18 @@ class EnvironmentProcesses:
   def action_spec(self):
     return self._action_spec
 
-  def _receive(self, k: int, expected: str, timeout_s: float = None):
+  def _receive(self, k: int, expected: str, timeout_s: float = None,
+               what: str = ''):
+    """Subprocess k's answer; with `what` ('step', 'reset'), `timeout_s` is
+    --env_step_timeout_s: past it the subprocess is killed."""
     conn = self._conns[k]
     try:
-      if timeout_s is not None and not conn.poll(timeout_s):
+      if timeout_s is not None and not conn.poll(max(0.0, timeout_s)):
+        if what:
+          self._kill_hung(k)
+          raise UserError(_timeout_message(
+              self._env_name, what, self._step_timeout_s,
+              f' in subprocess {k}'))
         raise UserError(f'environment subprocess {k} did not answer in '
                         f'{timeout_s:.0f}s')
       kind, payload = conn.recv()
@@ -235,12 +326,21 @@ class EnvironmentProcesses:
     """The batch positions of subprocess `group`'s environments."""
     return self._indices[group]
 
+  def _left_s(self, group: int) -> Optional[float]:
+    """Seconds left of group's step timeout (None: no timeout)."""
+    if not self._step_timeout_s:
+      return None
+    return self._sent_at[group] + self._step_timeout_s - time.monotonic()
+
   def reset(self) -> List:
-    for conn in self._conns:
+    now = time.monotonic()
+    for k, conn in enumerate(self._conns):
       conn.send(('reset', None))
+      self._sent_at[k] = now
     time_steps = []
     for k in range(self.num_groups):
-      steps, self._episodes[k], self._resets[k] = self._receive(k, 'ok')
+      steps, self._episodes[k], self._resets[k] = self._receive(
+          k, 'ok', self._left_s(k), 'reset')
       time_steps.extend(steps)
     return time_steps
 
@@ -249,18 +349,33 @@ class EnvironmentProcesses:
       self._conns[group].send(('step', actions))
     except (OSError, BrokenPipeError):
       self._receive(group, 'ok')  # Raises with the subprocess's own reason.
+    self._sent_at[group] = time.monotonic()
     self._pending.add(group)
 
   def wait(self) -> List[int]:
     """The subprocesses that have finished stepping (at least one)."""
-    ready = connection.wait([self._conns[k] for k in self._pending])
-    return sorted(self._group_of[conn] for conn in ready)
+    while True:
+      timeout = None
+      if self._step_timeout_s:
+        late = min(self._pending, key=self._left_s)
+        timeout = max(0.0, self._left_s(late))
+      ready = connection.wait([self._conns[k] for k in self._pending],
+                              timeout)
+      if ready:
+        return sorted(self._group_of[conn] for conn in ready)
+      if self._step_timeout_s and self._left_s(late) <= 0:
+        self._receive(late, 'ok', 0.0, 'step')  # Raises: it is hung.
 
   def receive(self, group: int) -> List:
     self._pending.discard(group)
     steps, self._episodes[group], self._resets[group] = self._receive(
-        group, 'ok')
+        group, 'ok', self._left_s(group), 'step')
     return steps
+
+  def _kill_hung(self, k: int) -> None:
+    """A hung subprocess gets no chance to close: killed at once."""
+    self._hung.add(k)
+    self._procs[k].kill()
 
   @property
   def episodes(self) -> int:
@@ -275,7 +390,10 @@ class EnvironmentProcesses:
     if self._closed:
       return
     self._closed = True
-    for conn in self._conns:
+    for k, conn in enumerate(self._conns):
+      if k in self._hung:
+        conn.close()
+        continue
       try:
         conn.send(('close', None))
         # A step in flight answers first.

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -23,9 +23,11 @@ from tf_agents.policies import py_tf_eager_policy
 from tf_agents.train import actor as tfa_actor
 from tf_agents.train.utils import train_utils
 
+from actor import env_processes
 from actor import eval_outputs
 from common import agents
 from common import config as config_lib
+from common import contract
 from common import environments
 from common import outputs
 from variable_container import VariableContainerClient
@@ -54,6 +56,14 @@ class EvalSettings:
   # counts, summed over the shards); empty: not recorded.
   replay_shards: Tuple[str, ...] = ()
   seed: int = 0  # Run seed; the evaluation environment's seed derives from it.
+  # The run's contract (cluster_flags.run_contract), checked against each
+  # server the weights are read from; None: not checked.
+  contract: Optional[Mapping] = None
+  # No --variable_address: every replay shard serves the weights; they are
+  # read from the first that answers, and from another when it stops.
+  variables_on_shards: bool = False
+  # An environment step or reset that takes longer ends the evaluator.
+  env_step_timeout_s: float = 60.0
 
 
 def read_metrics(eval_dir: str) -> List[dict]:
@@ -71,18 +81,80 @@ def read_metrics(eval_dir: str) -> List[dict]:
 
 
 class _EpisodeReturns:
-  """An observer keeping each finished episode's undiscounted return."""
+  """An observer keeping each finished episode's undiscounted return and
+  length (environment steps, boundaries not counted, as TF-Agents' metrics)."""
 
   def __init__(self):
     self.returns: List[float] = []
+    self.lengths: List[int] = []
     self._current = 0.0
+    self._length = 0
+
+  def clear(self) -> None:
+    self.returns.clear()
+    self.lengths.clear()
 
   def __call__(self, traj) -> None:
+    if traj.is_boundary():
+      return
     if traj.is_first():
-      self._current = 0.0
+      self._current, self._length = 0.0, 0
     self._current += float(np.sum(traj.reward))
+    self._length += 1
     if traj.is_last():
       self.returns.append(self._current)
+      self.lengths.append(self._length)
+
+
+class _FirstAnswering:
+  """The weights of the first server in `addresses` that answers.
+
+  Keeps to that server while it answers and moves on to the next that does
+  when it stops (a replay shard lost: every shard serves the weights). With
+  none answering, waits on the last one as `VariableContainerClient` waits.
+  """
+
+  def __init__(self, addresses: Sequence[str], variables, s: 'EvalSettings',
+               should_stop):
+    self._addresses = tuple(addresses)
+    self._variables = variables
+    self._s = s
+    self._should_stop = should_stop
+    self._containers = {}
+    self._current = None
+    self._container()
+
+  def _open(self, address: str) -> VariableContainerClient:
+    if address not in self._containers:
+      container = VariableContainerClient(
+          address, self._variables, self._s.server_timeout_s, 'evaluator',
+          self._should_stop)
+      contract.check(address, self._s.contract, 'evaluator')
+      self._containers[address] = container
+    return self._containers[address]
+
+  def _container(self) -> VariableContainerClient:
+    if len(self._addresses) == 1:
+      return self._open(self._addresses[0])
+    rest = [a for a in self._addresses if a != self._current]
+    for address in ([self._current] if self._current else []) + rest:
+      try:
+        reverb.Client(address).server_info(timeout=2)
+      except Exception:  # pylint: disable=broad-except
+        continue
+      if address != self._current:
+        if self._current is not None:
+          logging.warning('evaluator: %s stopped answering; reading the '
+                          'weights from %s', self._current, address)
+        self._current = address
+      return self._open(address)
+    return self._open(self._current or self._addresses[0])
+
+  def latest_train_step(self) -> Optional[int]:
+    return self._container().latest_train_step()
+
+  def pull_into(self, variables) -> Optional[int]:
+    return self._container().pull_into(variables)
 
 
 def _transitions_inserted(replay_shards: Sequence[str]):
@@ -122,12 +194,15 @@ def evaluate(s: EvalSettings,
   env = environments.load_environment(s.env_name,
                                      seed=12345 + s.seed * 100000,
                                      options=s.env_options)
+  if s.env_step_timeout_s:
+    env = env_processes.watched(env, env_processes.StepWatchdog(
+        s.env_name, s.env_step_timeout_s))
   train_step = train_utils.create_train_step()
   agent = agents.create_agent(env, s.agent, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)
-  container = VariableContainerClient(s.variable_address, variables,
-                                      s.server_timeout_s, 'evaluator',
-                                      should_stop)
+  container = _FirstAnswering(
+      s.replay_shards if s.variables_on_shards and s.replay_shards else
+      (s.variable_address,), variables, s, should_stop)
   policy = py_tf_eager_policy.PyTFEagerPolicy(
       greedy_policy.GreedyPolicy(agents.greedy_policy(agent, s.agent)),
       use_tf_function=True)
@@ -156,7 +231,7 @@ def evaluate(s: EvalSettings,
       continue
     step = container.pull_into(variables)
     agent_steps = _transitions_inserted(s.replay_shards)
-    episode_returns.returns.clear()
+    episode_returns.clear()
     started = time.monotonic()
     try:
       eval_actor.run()
@@ -172,6 +247,9 @@ def evaluate(s: EvalSettings,
            'ReturnMin': float(np.min(episode_returns.returns)),
            'ReturnMax': float(np.max(episode_returns.returns)),
            'num_episodes': len(episode_returns.returns),
+           # Environment steps of this evaluation (AverageEpisodeLength times
+           # num_episodes).
+           'eval_env_steps': int(sum(episode_returns.lengths)),
            # Transitions collected; each is action_repeat environment steps.
            'agent_steps': agent_steps,
            'env_steps': (None if agent_steps is None else

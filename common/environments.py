@@ -9,6 +9,7 @@ A name is one of:
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import os
 from typing import Optional
@@ -99,9 +100,47 @@ def load_environment(name: str, seed: Optional[int] = None,
       env.seed(seed)
     except (NotImplementedError, AttributeError):
       pass
+  # Outermost, so that nothing a wrapper or the environment does after LAST
+  # is ever seen: every LAST ends its episode.
+  env = reset_after_last(env)
   if options.validate_episodes:
     validate(env, name, options.validate_episodes)
   return env
+
+
+def reset_after_last(env):
+  """`env`, reset by the step after every LAST, whatever `env` does then.
+
+  TF-Agents' `PyEnvironment` does not reset after LAST unless it was built
+  with `handle_auto_reset` (the environments tutorial's card game is not, and
+  after a bust it draws on and returns LAST again). TF-Agents' drivers
+  expect the step after LAST to be the next episode's FIRST (a boundary);
+  this wrapper makes it so. The step after LAST calls `env.reset()` instead
+  of `env.step()`, so an environment that resets itself (gym's, TimeLimit)
+  is reset once, not twice, and the boundary is no environment step.
+  """
+  return _reset_after_last_class()(env)
+
+
+@functools.lru_cache(maxsize=None)
+def _reset_after_last_class():
+  # Here, not at the top: the launcher reads EnvOptions without TF-Agents.
+  from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
+
+  class ResetAfterLast(wrappers.PyEnvironmentBaseWrapper):
+    """The base class's auto-reset: `step` after LAST calls `reset`."""
+
+    def __init__(self, env):
+      super().__init__(env, handle_auto_reset=True)
+
+    # The base wrapper forwards only observation and action specs.
+    def reward_spec(self):
+      return self._env.reward_spec()
+
+    def discount_spec(self):
+      return self._env.discount_spec()
+
+  return ResetAfterLast
 
 
 def _discretize(env, name: str, num_actions: int):

@@ -161,8 +161,24 @@ def seed_everything(seed: int, program: str) -> None:
   tf.random.set_seed(value)
 
 
+# The running program's name, as `run` was given it (for `exit_with_error`).
+_program = None
+
+
+def exit_with_error(message: str) -> None:
+  """Ends this process at once as `run` ends it for a UserError: one line,
+  exit 2. For a thread that finds the main thread stuck in a call it cannot
+  interrupt (a hung environment step)."""
+  logging.flush()
+  sys.stderr.write(f'{_program or "error"}: error: {message}\n')
+  sys.stderr.flush()
+  os._exit(2)  # pylint: disable=protected-access
+
+
 def run(main, program: str):
   """Runs `main(argv)` under absl; a UserError becomes one line and exit 2."""
+  global _program
+  _program = program
 
   def _main(argv):
     if len(argv) > 1:
