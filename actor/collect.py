@@ -128,7 +128,6 @@ def _connect_and_collect(s: ActorSettings, should_stop, who, task,
                  shards.index(write_address), len(shards), write_address)
   info = reverb_connection.wait_for_server(
       write_address, s.server_timeout_s, who, should_stop)
-  contract.check(write_address, s.contract, who, server_info=info)
   # One batch of environments (`envs_per_actor` in this process, or in each
   # of `env_processes` subprocesses) behind one policy call per step.
   n = s.envs_per_actor * s.env_processes
@@ -151,6 +150,8 @@ def _connect_and_collect(s: ActorSettings, should_stop, who, task,
 
 def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
              env) -> int:
+  # After the environment has loaded: a misspelt --env is named as such.
+  contract.check(write_address, s.contract, who, server_info=info)
   n = env.batch_size
   train_step = train_utils.create_train_step()
   # Per-actor exploration (e.g. Ape-X's epsilons) lives in the agent's config.

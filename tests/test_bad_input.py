@@ -79,7 +79,7 @@ def _cases(address, port, tmp):
           '--root_dir=/proc/no_such_dir is not writable'),
       'actor for another environment': (
           'actor', ok + ['--env=MinitaurBulletEnv-v0'],
-          "table 'uniform_table' at"),
+          '--env=MinitaurBulletEnv-v0 here, but the replay server at'),
       'learner with other network sizes': (
           'learner', ok + ['--actor_fc_layers=64,64'],
           "table 'variables' at"),

@@ -11,6 +11,7 @@ import time
 
 import tensorflow as tf
 
+from common import actor_indices
 from common import config as config_lib
 from common import tables
 
@@ -171,9 +172,10 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
       'replay_server_again',
       r'restored: actor_ids=(\d+), train_step=(\d+), uniform_table=(\d+), '
       r'variables=(\d+)', 120)
-  # Every table: two actor indices taken, the weights and their step, items.
+  # Every table: the queue of the lowest free actor indices (a few at a
+  # time), the weights and their step, items.
   ids, step, items, weights = (int(x) for x in restored.groups())
-  assert ids == config_lib.MAX_ACTOR_IDS - 2
+  assert ids == actor_indices.QUEUE_DEPTH
   assert step == weights == 1
   assert items >= checkpointed[-1] > 0
   assert table_size(address) >= checkpointed[-1]

@@ -3,8 +3,6 @@ the flags, and a disk that is really full."""
 
 import os
 import re
-import shutil
-import signal
 import subprocess
 import time
 
