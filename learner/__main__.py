@@ -36,7 +36,10 @@ def main(_):
       alive_bonus=cf.ALIVE_BONUS.value,
       prioritized=cf.REPLAY.value == 'prioritized',
       importance_sampling_exponent=cf.IMPORTANCE_SAMPLING_EXPONENT.value,
-      replay_shards=cf.replay_addresses())
+      replay_shards=cf.replay_addresses(),
+      seed=cf.SEED.value,
+      contract=cf.run_contract(),
+      variables_on_shards=cf.variables_on_shards())
   train.train(settings, strategy, stop)
 
 

@@ -7,10 +7,31 @@ project's 2-core machine it serves about 3.7 times the batches/s of
 measured by `bench/run.py` (see BENCHMARKS.md).
 """
 
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import reverb
 import tensorflow as tf
+
+
+def _signature(addresses: Sequence[str], table: str):
+  """The table's signature, from the first shard that answers.
+
+  Every shard serves the same one (each one's is checked by the learner
+  before it builds this). With shards, one that is down (the pipeline is
+  rebuilt while it is) must not stop the others being sampled.
+  """
+  if len(addresses) == 1:
+    return reverb.Client(addresses[0]).server_info()[table].signature
+  error = None
+  for _ in range(3):
+    for server in addresses:
+      try:
+        return reverb.Client(server).server_info(timeout=3)[table].signature
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    time.sleep(1.0)
+  raise error
 
 
 def experience_dataset(address: Union[str, Sequence[str]], table: str,
@@ -40,9 +61,7 @@ def experience_dataset(address: Union[str, Sequence[str]], table: str,
   """
 
   addresses = [address] if isinstance(address, str) else list(address)
-  # Every shard serves the same signature (each one's is checked by the
-  # learner before it builds this); the first one's gives the shapes.
-  signature = reverb.Client(addresses[0]).server_info()[table].signature
+  signature = _signature(addresses, table)
   shapes = tf.nest.map_structure(lambda x: x.shape, signature)
   dtypes = tf.nest.map_structure(lambda x: x.dtype, signature)
 

@@ -54,16 +54,22 @@ class PriorityUpdater:
   table does not hold, so no shard bookkeeping rides through the train step.
   Each shard has a queue and a thread of its own: a call to a shard that is
   gone blocks until it is back (Reverb's client waits for the server), and
-  must not hold up the others. The max priority is published on the first
-  shard. `updated` and `dropped` count per shard (an update written to two
-  shards counts twice).
+  must not hold up the others. Each shard's thread publishes the max
+  priority on its own shard (actors read their shard's), so no shard is
+  needed by the others. `updated` and `dropped` count per shard (an update
+  written to two shards counts twice).
+
+  A non-finite |TD error| (NaN, inf) is never sent: Reverb would take it, and
+  an inf would become the max priority every new item enters with. Such
+  priorities are dropped in `submit` (counted in `non_finite`, logged once).
   """
 
   def __init__(self, address: Union[str, Sequence[str]],
                max_pending: int = 256, window: int = 100):
     addresses = [address] if isinstance(address, str) else list(address)
-    self._writers = [_ShardWriter(a, max_pending, window if i == 0 else 0)
-                     for i, a in enumerate(addresses)]
+    self._writers = [_ShardWriter(a, max_pending, window)
+                     for a in addresses]
+    self.non_finite = 0
 
   @property
   def updated(self) -> int:
@@ -86,7 +92,20 @@ class PriorityUpdater:
       writer.join(max(0.0, deadline - time.monotonic()))
 
   def submit(self, keys: np.ndarray, td_errors: np.ndarray) -> np.int64:
-    update = (np.array(keys, np.uint64), np.array(td_errors, np.float64))
+    keys = np.array(keys, np.uint64).reshape(-1)
+    td_errors = np.array(td_errors, np.float64).reshape(-1)
+    finite = np.isfinite(td_errors)
+    if not finite.all():
+      if not self.non_finite:
+        logging.warning('learner: %d of %d TD errors are NaN or inf; their '
+                        'priorities are not sent (the items keep theirs). '
+                        'The loss check ends training if the loss follows',
+                        int((~finite).sum()), len(td_errors))
+      self.non_finite += int((~finite).sum())
+      keys, td_errors = keys[finite], td_errors[finite]
+      if not len(keys):
+        return np.int64(0)
+    update = (keys, td_errors)
     for writer in self._writers:
       writer.put(update)
     return np.int64(0)
@@ -102,7 +121,8 @@ class PriorityUpdater:
 class _ShardWriter(threading.Thread):
   """One shard's queue of priority updates and the thread that sends them.
 
-  `window` > 0: also publishes the max priority of the last `window` rounds.
+  `window` > 0: also publishes the max priority of the last `window` rounds
+  on this shard.
   """
 
   def __init__(self, address: str, max_pending: int, window: int):
@@ -160,6 +180,8 @@ class _ShardWriter(threading.Thread):
   def _publish_max(self, client: reverb.Client) -> None:
     now = time.monotonic()
     value = max(self._recent_max)
+    if not np.isfinite(value):  # `submit` lets none through; never publish.
+      return
     if (self._published is not None and now - self._last_publish < 1.0 and
         abs(value - self._published) <= 0.05 * self._published):
       return

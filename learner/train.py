@@ -1,16 +1,19 @@
 """The learner's main loop: sample the replay table, train SAC, push weights.
 
 Owns the agent's trainable state. Everything periodic is a trigger: TF-Agents'
-`Learner` checkpoints and saves policies; this loop adds weight pushes and
+`Learner` trains and writes summaries; `_Saves` checkpoints and saves
+policies after the loss and weights are checked (the Learner's own triggers
+would fire before the caller sees the loss); this loop adds weight pushes and
 progress lines.
 """
 
 import dataclasses
 import math
 import os
+import re
 import threading
 import time
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import reverb
@@ -21,6 +24,7 @@ from tf_agents.train.utils import train_utils
 
 from common import agents
 from common import config as config_lib
+from common import contract
 from common import environments
 from common import outputs
 from common import process
@@ -29,7 +33,9 @@ from common import reverb_connection
 from common.errors import UserError
 from learner import dataset as dataset_lib
 from learner import priorities as priorities_lib
+from learner import run_record
 from variable_container import VariableContainerClient
+from variable_container import client as variable_client
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,15 @@ class LearnerSettings:
   # Every replay shard (empty: replay_address alone); each batch comes from
   # one of them, all are sampled.
   replay_shards: Tuple[str, ...] = ()
+  # Recorded with the checkpoints (run_settings.json): a rerun with another
+  # seed is another run.
+  seed: int = 0
+  # The flags every process of the run must share (cluster_flags
+  # .run_contract()), checked against each shard's; None: not checked.
+  contract: Optional[Mapping] = None
+  # Every replay shard serves the variables (no --variable_address): with
+  # several shards, weights and train_step go to each of them.
+  variables_on_shards: bool = False
 
   @property
   def shards(self) -> Tuple[str, ...]:
@@ -100,6 +115,51 @@ def _wait_for_shards(s: 'LearnerSettings', should_stop) -> list:
   return [reverb_connection.wait_for_server(address, s.server_timeout_s,
                                             'learner', should_stop)
           for address in s.shards]
+
+
+_SUMMARY_WRITE_ERRORS = (tf.errors.ResourceExhaustedError,
+                         tf.errors.UnknownError, tf.errors.InternalError,
+                         tf.errors.FailedPreconditionError,
+                         tf.errors.PermissionDeniedError,
+                         tf.errors.NotFoundError)
+
+
+def _is_summary_write_error(error: Exception) -> bool:
+  """The summary writer's flush failed (it raises at the end of `run`)."""
+  text = str(error)
+  return 'SummaryWriter' in text or 'tfevents' in text
+
+
+def _numerics_reason(error: Exception) -> str:
+  """'Critic loss is inf or nan' from the text of a failed check_numerics."""
+  found = re.search(r'(\w[\w ]* is inf or nan)', str(error), re.IGNORECASE)
+  return found.group(1) if found else 'inf or nan'
+
+
+def _wait_for_any_shard(s: 'LearnerSettings', should_stop) -> None:
+  """Waits until one replay shard answers (with one shard: that one).
+
+  The pipeline samples the shards that answer, so one that is down must not
+  hold up training (nor end it after --server_timeout_s).
+  """
+  if len(s.shards) == 1:
+    _wait_for_shards(s, should_stop)
+    return
+  start = time.monotonic()
+  while True:
+    for address in s.shards:
+      try:
+        reverb.Client(address).server_info(timeout=2)
+        return
+      except Exception:  # pylint: disable=broad-except
+        pass
+    if time.monotonic() - start > s.server_timeout_s:
+      raise UserError(f'no replay shard of {", ".join(s.shards)} answered '
+                      f'within {s.server_timeout_s:g}s; start them or raise '
+                      '--server_timeout_s')
+    if should_stop():
+      raise UserError('stopped while waiting for the replay shards')
+    time.sleep(1.0)
 
 
 class _Heartbeat:
@@ -165,6 +225,48 @@ class _Heartbeat:
                    '%.0fs: %s', step, still, _table_state(self._addresses))
 
 
+class _Saves:
+  """Checkpoints and policy SavedModels at their intervals, as a trigger.
+
+  Called with the train step only after the loss was seen to be finite;
+  `run_record.Checkpoints.save` checks the variables too, and the policy is
+  saved only after a checkpoint step's check passed or, between, after the
+  same check. A failed write is logged and tried again at the next interval.
+  """
+
+  def __init__(self, checkpoints: run_record.Checkpoints, policy_saver,
+               agent, start_step: int, checkpoint_interval: int,
+               policy_interval: int):
+    self._checkpoints = checkpoints
+    self._policy_saver = policy_saver
+    self._agent = agent
+    self._intervals = (checkpoint_interval, policy_interval)
+    self._last = [start_step, start_step]
+
+  def _due(self, which: int, step: int) -> bool:
+    return self._intervals[which] > 0 and (
+        step >= self._last[which] + self._intervals[which])
+
+  def __call__(self, train_step: tf.Variable) -> None:
+    step = int(train_step.numpy())
+    if self._due(0, step):
+      self._checkpoints.save(train_step)
+      self._last[0] = step
+    if self._due(1, step):
+      bad = run_record.non_finite_variables(self._agent.variables)
+      if bad:
+        raise UserError(f'weights became non-finite at train_step {step} '
+                        f'({len(bad)} variables, e.g. {bad[0]}); policy not '
+                        'saved: lower the learning rates or the reward scale')
+      try:
+        self._policy_saver(step, force_trigger=True)
+      except run_record.WRITE_ERRORS as e:
+        logging.error('learner: policy save at train_step %d failed (%s); '
+                      'training goes on, the next interval tries again', step,
+                      run_record.describe_error(e))
+      self._last[1] = step
+
+
 def _train_with_priorities(agent, s: LearnerSettings):
   """Replaces `agent.train` by a prioritized train step; returns the updater.
 
@@ -187,6 +289,17 @@ def _train_with_priorities(agent, s: LearnerSettings):
   return priorities_lib.PriorityUpdater(s.shards).start()
 
 
+def _connect_variables(s: LearnerSettings, variables, should_stop):
+  """The client the weights are pushed with: every shard's variables, or the
+  one server's (one address, or an explicit --variable_address)."""
+  if s.variables_on_shards and len(s.shards) > 1:
+    return variable_client.ShardedVariablePusher(
+        s.shards, variables, s.server_timeout_s, 'learner', should_stop)
+  return VariableContainerClient(
+      s.variable_address, variables, s.server_timeout_s, 'learner',
+      should_stop)
+
+
 def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
           should_stop: Callable[[], bool] = lambda: False) -> LearnerResult:
   """Trains until `settings.train_steps` or `should_stop()`; returns a summary."""
@@ -202,11 +315,20 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     train_step = train_utils.create_train_step()
     agent = agents.create_agent(env, s.agent, train_step, s.env_name)
   env.close()
+  # Before any server is asked: a --root_dir of another run is refused at once.
+  run_settings = run_record.run_settings(
+      s.env_name, s.agent, s.env_options, s.prioritized, s.seed,
+      s.alive_bonus, agent)
+  recorded = run_record.check_recorded(s.root_dir, run_settings)
+  if not recorded and not run_record.has_checkpoint(s.root_dir):
+    run_record.record(s.root_dir, run_settings)
+    recorded = True
 
   for address, info in zip(s.shards, _wait_for_shards(s, should_stop)):
     reverb_connection.check_table_signature(
         info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
         address)
+    contract.check(address, s.contract, 'learner', server_info=info)
   malloc = process.allocator()
   logging.info('learner: memory allocator %s%s', malloc,
                ' (apt-get install libjemalloc2 for a faster input pipeline)'
@@ -215,9 +337,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     logging.info('learner: samples from %d replay shards: %s',
                  len(s.shards), ', '.join(s.shards))
   variables = agents.shared_variables(agent, train_step)
-  container = VariableContainerClient(
-      s.variable_address, variables, s.server_timeout_s, 'learner',
-      should_stop)
+  container = _connect_variables(s, variables, should_stop)
 
   per_replica_batch = s.agent.batch_size // replicas
   updater = None
@@ -247,27 +367,50 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     return iter(strategy.distribute_datasets_from_function(
         lambda _: experience_dataset_fn()))
 
-  saved_model_dir = os.path.join(s.root_dir,
-                                 tfa_learner.POLICY_SAVED_MODEL_DIR)
-  learner = tfa_learner.Learner(
-      s.root_dir,
-      train_step,
-      agent,
-      experience_dataset_fn,
-      triggers=[
-          triggers.PolicySavedModelTrigger(
-              saved_model_dir, agent, train_step,
-              interval=s.policy_save_interval, save_collect_policy=False),
-      ],
-      checkpoint_interval=s.checkpoint_interval_steps,
-      summary_interval=s.summary_interval,
-      strategy=strategy,
-      after_train_strategy_step_fn=(
-          updater.send_from_train_step if updater else None))
+  restored = run_record.choose_checkpoint(s.root_dir)
+  try:
+    # No triggers and no interval checkpoints of its own: they would fire
+    # inside `run`, before this loop sees the loss (`_Saves` does both).
+    learner = tfa_learner.Learner(
+        s.root_dir,
+        train_step,
+        agent,
+        experience_dataset_fn,
+        triggers=[],
+        checkpoint_interval=0,
+        summary_interval=s.summary_interval,
+        strategy=strategy,
+        after_train_strategy_step_fn=(
+            updater.send_from_train_step if updater else None))
+  except (ValueError, TypeError, tf.errors.OpError) as e:
+    if restored is None:
+      raise
+    # The restore inside the Learner: a checkpoint of other networks.
+    raise UserError(
+        f'cannot restore checkpoint {restored} '
+        f'({" ".join(str(e).split())[:200]}): it was written for another '
+        f'agent or other networks; give another --root_dir, or delete '
+        f'{run_record.train_dir(s.root_dir)} to start afresh') from None
+  checkpoints = run_record.Checkpoints(learner, s.root_dir, restored, agent)
+  if not recorded:
+    run_record.record(s.root_dir, run_settings)
   start_step = int(learner.train_step_numpy)
   if start_step:
     logging.info('learner: resumed from checkpoint at train_step %d',
                  start_step)
+  saved_model_dir = os.path.join(s.root_dir,
+                                 tfa_learner.POLICY_SAVED_MODEL_DIR)
+  try:
+    policy_saver = triggers.PolicySavedModelTrigger(
+        saved_model_dir, agent, train_step, interval=s.policy_save_interval,
+        start=start_step, save_collect_policy=False)
+  except run_record.WRITE_ERRORS as e:
+    raise UserError(f'cannot write the policy SavedModels to '
+                    f'{saved_model_dir} ({" ".join(str(e).split())[:160]}); '
+                    'free space under --root_dir or give another one'
+                    ) from None
+  saves = _Saves(checkpoints, policy_saver, agent, start_step,
+                 s.checkpoint_interval_steps, s.policy_save_interval)
   published = container.latest_train_step()
   if published is not None and published > start_step:
     # This learner's weights are the truth (e.g. restored from an older
@@ -277,6 +420,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
                     '(the weight version goes back)', s.variable_address,
                     published, start_step)
   container.push(variables)
+  container.flush()  # Sharded: on every live shard before the first step.
   logging.info('learner: pushed initial weights (train_step %d); training to '
                '%d steps, batch %d over %d replica(s)', start_step,
                s.train_steps, s.agent.batch_size, replicas)
@@ -285,6 +429,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
   step, last_push, loss = start_step, start_step, float('nan')
   first_step, t_first = None, None
   iterator = None  # None: the Learner's own.
+  summary_failures = 0
   heartbeat = _Heartbeat(s.shards, train_step,
                          min(30.0, 3 * s.log_interval_s)).start()
   try:
@@ -299,10 +444,32 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
         logging.warning('learner: lost the replay server at %s (%s); '
                         'waiting for it', ', '.join(s.shards),
                         type(e).__name__)
-        _wait_for_shards(s, should_stop)
+        _wait_for_any_shard(s, should_stop)
         step = int(learner.train_step_numpy)
         iterator = new_iterator()
         continue
+      except _SUMMARY_WRITE_ERRORS as e:
+        if not _is_summary_write_error(e):
+          raise
+        # TensorBoard events (disk full): the steps were trained; their loss
+        # goes unchecked, so no save or push until a call returns one.
+        summary_failures += 1
+        if summary_failures in (1, 10) or summary_failures % 100 == 0:
+          logging.error('learner: writing summaries under %s failed (%s); '
+                        'training goes on (%d failures)', s.root_dir,
+                        run_record.describe_error(e), summary_failures)
+        step = int(learner.train_step_numpy)
+        continue
+      except tf.errors.InvalidArgumentError as e:
+        if 'inf or nan' not in str(e).lower():
+          raise
+        # The agent's own check_numerics on its losses, before the update.
+        raise UserError(f'loss became non-finite at train_step '
+                        f'{int(learner.train_step_numpy)} '
+                        f'({_numerics_reason(e)}); not '
+                        f'checkpointed (the last checkpoint is '
+                        f'{checkpoints.last_saved}): lower the learning rates '
+                        'or reward scale') from None
       except tf.errors.OutOfRangeError:
         # The pipeline waits through any shortage of data and ends only on
         # a stop request.
@@ -312,10 +479,14 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
         continue
       loss = float(loss_info.loss.numpy())
       step = int(learner.train_step_numpy)
-      # Checked before any push: non-finite weights never reach the actors.
+      # Checked before any save or push: non-finite weights never reach a
+      # checkpoint, a policy or the actors.
       if not math.isfinite(loss):
-        raise UserError(f'loss became {loss} at train_step {step}; '
-                        'lower the learning rates or reward scale')
+        raise UserError(f'loss became {loss} at train_step {step}; not '
+                        f'checkpointed (the last checkpoint is '
+                        f'{checkpoints.last_saved}): lower the learning rates '
+                        'or reward scale')
+      saves(train_step)
       if t_first is None:
         t_first, first_step = time.monotonic(), step
       if step - last_push >= s.push_interval_steps:
@@ -330,15 +501,25 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     heartbeat.stop()
     if updater is not None:
       updater.stop()
-      logging.info('learner: %d priority updates written, %d dropped',
-                   updater.updated, updater.dropped)
+      logging.info('learner: %d priority updates written, %d dropped%s',
+                   updater.updated, updater.dropped,
+                   f', {updater.non_finite} non-finite ones never sent'
+                   if updater.non_finite else '')
 
   # Final state: checkpoint (so a restart resumes here) and push (so actors
-  # and the evaluator see the last weights and the final train_step).
-  learner._checkpointer.save(train_step)  # pylint: disable=protected-access
+  # and the evaluator see the last weights and the final train_step). A
+  # failed final checkpoint still pushes, then exits non-zero: the run's
+  # last state is not on disk.
+  final_saved = checkpoints.save(train_step)
   container.push(variables)
+  container.flush()
   elapsed = time.monotonic() - t_first if t_first else 0.0
   rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
   logging.info('learner: finished at train_step %d (started at %d); loss '
                '%.4g; %.1f train steps/s', step, start_step, loss, rate)
+  if not final_saved:
+    raise UserError(f'the final checkpoint at train_step {step} could not be '
+                    f'written (see the error above); a rerun resumes from '
+                    f'{checkpoints.last_saved}: free space under '
+                    f'--root_dir={s.root_dir}')
   return LearnerResult(step, start_step, loss, rate)

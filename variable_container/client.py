@@ -5,8 +5,10 @@ TF-Agents processes interoperate) with waiting, signature checks and retries
 of transient gRPC errors.
 """
 
+import queue
+import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -126,6 +128,9 @@ class VariableContainerClient:
       self._retry('push train_step', lambda: tables.insert_int64(
           self._client, config_lib.TRAIN_STEP_TABLE, step))
 
+  def flush(self, timeout_s: float = 0.0) -> None:
+    """Pushes are done when `push` returns; nothing to wait for."""
+
   def has_variables(self) -> bool:
     info = self._retry('server_info',
                        lambda: self._client.server_info(timeout=10))
@@ -172,3 +177,149 @@ class VariableContainerClient:
       return None
     values = self._retry('pull', lambda: self._container.pull(self._table))
     return int(values[TRAIN_STEP_KEY].numpy())
+
+
+class ShardedVariablePusher:
+  """Pushes the weights and train_step to the `variables` table of every shard.
+
+  With replay shards and no --variable_address every shard serves the
+  variables, so that no one shard is needed by all (each actor reads its own
+  shard). The learner must go on training while a shard is down: each shard
+  has a thread of its own that pushes the latest snapshot handed to it
+  (older ones are replaced, never queued) and skips a shard that does not
+  answer a short status call, logging once when it stops answering and once
+  when it answers again; a shard restarted empty gets the next push.
+  """
+
+  def __init__(self, addresses: Sequence[str], variables,
+               timeout_s: float = 300.0, who: str = 'learner',
+               should_stop: Optional[Callable[[], bool]] = None,
+               table: str = config_lib.VARIABLE_TABLE):
+    # Waits for each shard and checks its table's signature, as one client
+    # does; at start every shard must be up.
+    self._clients = [VariableContainerClient(a, variables, timeout_s, who,
+                                             should_stop, table)
+                     for a in addresses]
+    self._shards = [_ShardPusher(c, a, who, table)
+                    for c, a in zip(self._clients, addresses)]
+    for shard in self._shards:
+      shard.start()
+
+  def push(self, variables) -> None:
+    """Hands a snapshot of `variables` to every shard; never waits on one.
+
+    Raises:
+      UserError: a variable is NaN or inf (nothing is pushed).
+    """
+    step = int(variables[TRAIN_STEP_KEY].numpy())
+    bad = non_finite(variables)
+    if bad:
+      raise UserError(
+          f'weights became non-finite at train_step {step} ({len(bad)} '
+          f'variables, e.g. {bad[0]}); not pushed: lower the learning rates '
+          'or the reward scale')
+    # A copy: training goes on changing the variables while threads push.
+    snapshot = tf.nest.map_structure(lambda v: v.numpy(), variables)
+    for shard in self._shards:
+      shard.offer(snapshot, step)
+
+  def flush(self, timeout_s: float = 10.0) -> None:
+    """Waits up to `timeout_s` for the latest push to reach every live shard."""
+    deadline = time.monotonic() + timeout_s
+    for shard in self._shards:
+      shard.wait_idle(max(0.0, deadline - time.monotonic()))
+
+  def latest_train_step(self) -> Optional[int]:
+    """The largest train_step any answering shard holds (None: none has one)."""
+    steps = []
+    for client, shard in zip(self._clients, self._shards):
+      if not shard.answers():
+        continue  # Down: no wait on it (its client would wait for it).
+      try:
+        steps.append(client.latest_train_step())
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('learner: cannot read train_step at %s (%s)',
+                        client._address, type(e).__name__)  # pylint: disable=protected-access
+    steps = [s for s in steps if s is not None]
+    return max(steps) if steps else None
+
+  def stop(self) -> None:
+    for shard in self._shards:
+      shard.done.set()
+
+
+class _ShardPusher(threading.Thread):
+  """One shard's latest snapshot and the thread that pushes it."""
+
+  def __init__(self, client: VariableContainerClient, address: str, who: str,
+               table: str):
+    super().__init__(daemon=True, name=f'variable-pusher {address}')
+    self._address = address
+    self._who = who
+    self._table = table
+    self._container = reverb_variable_container.ReverbVariableContainer(
+        address, table_names=[table])
+    self._has_step_table = client._has_step_table  # pylint: disable=protected-access
+    self._reverb = reverb.Client(address)
+    self._latest = queue.Queue(maxsize=1)
+    self._idle = threading.Event()
+    self._idle.set()
+    self._up = True
+    self.pushed_step: Optional[int] = None
+    self.done = threading.Event()
+
+  def offer(self, snapshot, step: int) -> None:
+    self._idle.clear()
+    try:
+      self._latest.get_nowait()  # Replaced by the newer one.
+    except queue.Empty:
+      pass
+    self._latest.put_nowait((snapshot, step))
+
+  def wait_idle(self, timeout_s: float) -> bool:
+    return self._idle.wait(timeout_s)
+
+  def answers(self) -> bool:
+    try:
+      self._reverb.server_info(timeout=2)
+      up = True
+    except Exception:  # pylint: disable=broad-except
+      up = False
+    if up != self._up:
+      if up:
+        logging.info('%s: replay shard %s answers again; pushing the latest '
+                     'weights to it', self._who, self._address)
+      else:
+        logging.warning('%s: replay shard %s not answering; weights go to the '
+                        'other shards until it is back', self._who,
+                        self._address)
+      self._up = up
+    return up
+
+  def run(self) -> None:
+    pending = None
+    while not self.done.is_set():
+      try:
+        pending = self._latest.get(timeout=1.0)
+      except queue.Empty:
+        if pending is None:
+          self._idle.set()
+          continue
+      if not self.answers():
+        # Skipped while down: its idle state would hold up `flush`.
+        self._idle.set()
+        continue
+      snapshot, step = pending
+      try:
+        self._container.push(snapshot, self._table)
+        if self._has_step_table:
+          tables.insert_int64(self._reverb, config_lib.TRAIN_STEP_TABLE, step)
+        self.pushed_step, pending = step, None
+        if self._latest.empty():
+          self._idle.set()
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_transient(e):
+          logging.error('%s: push to %s failed: %s', self._who,
+                        self._address, str(e).splitlines()[0][:200])
+          pending = None
+        # Transient: kept, and tried again once the shard answers.
