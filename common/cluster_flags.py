@@ -62,8 +62,9 @@ REPLAY_ADDRESS = flags.DEFINE_string(
     'replay_address', 'localhost:8000',
     'host:port of the replay server, or a comma-separated list of shards '
     '(each a replay_server): actor i writes to shard i mod S, the learner '
-    'samples from all of them; the first also serves the variables (unless '
-    '--variable_address), the actor indices and the max priority.')
+    'samples from all of them. Every shard also serves the variables (unless '
+    '--variable_address), its max priority and its share of the --task=auto '
+    'indices, so the run survives the loss of any one shard.')
 VARIABLE_ADDRESS = flags.DEFINE_string(
     'variable_address', '',
     'host:port of the variable container; empty: the replay server.')
