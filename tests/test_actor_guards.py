@@ -157,6 +157,15 @@ def test_restarted_auto_actor_gets_its_index_back(cluster, tmp_path):
     cluster.wait_for_log(name, 'random initial collect', 120)
     cluster.procs[name].kill()
     cluster.wait(name, 10)
+    # The server hands the dead actor's index back once its lease expires
+    # (a restart before then rightly gets another one).
+    back = len(re.findall(r'handing back \[?%d\b' % taken[-1],
+                          cluster.log('replay_server')))
+    deadline = time.monotonic() + 60
+    while len(re.findall(r'handing back \[?%d\b' % taken[-1],
+                         cluster.log('replay_server'))) <= back:
+      assert time.monotonic() < deadline, cluster.tail('replay_server')
+      time.sleep(0.5)
   assert taken == [0, 0, 0, 0], taken
 
 
