@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml requirements.txt
 run: $(STAMP)
 	$(VENV)/bin/python -m launcher $(ARGS)
 
+# Two workers: the suite mostly waits on the processes it starts.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run $(ARGS)

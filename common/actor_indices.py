@@ -138,9 +138,12 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
     if should_stop():
       raise UserError(f'stopped while waiting for an actor index from '
                       f'{where}')
-    logging.info('actor: waiting for a free actor index from %s (%.0fs of '
-                 '%gs%s)', where, elapsed, timeout_s,
-                 '' if answering else '; no shard answers')
+    if answering:
+      logging.info('actor: waiting for a free actor index from %s (%.0fs of '
+                   '%gs)', where, elapsed, timeout_s)
+    else:
+      logging.info('actor: waiting for Reverb server at %s (%.0fs of %gs), '
+                   'for a free actor index', where, elapsed, timeout_s)
 
 
 class ActorLease:
