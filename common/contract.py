@@ -73,7 +73,10 @@ def first_difference(mine: Mapping,
   compared.
   """
   mine, theirs = _normalized(mine), _normalized(theirs)
-  for flag in sorted(mine):
+  # The environment and the agent first: the other flags follow from them
+  # (presets), so they name the cause.
+  first = [f for f in ('env', 'agent') if f in mine]
+  for flag in first + sorted(set(mine) - set(first)):
     if flag in theirs and mine[flag] != theirs[flag]:
       return flag, mine[flag], theirs[flag]
   return None
