@@ -19,7 +19,7 @@ def test_minitaur_cluster_started_clients_first(cluster, tmp_path):
   """
   port = free_port()
   address = f'localhost:{port}'
-  train_steps = 600
+  train_steps = 300
   flags = ['--env=MinitaurBulletEnv-v0', f'--replay_address={address}',
            '--replay_capacity=5000', '--min_size_to_sample=200',
            '--initial_collect_steps=200', f'--train_steps={train_steps}',
