@@ -54,6 +54,18 @@ def non_finite(variables) -> List[str]:
           if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
 
 
+def refuse_non_finite(variables) -> int:
+  """The train_step of `variables`; raises UserError if any is NaN or inf."""
+  step = int(variables[TRAIN_STEP_KEY].numpy())
+  bad = non_finite(variables)
+  if bad:
+    raise UserError(
+        f'weights became non-finite at train_step {step} ({len(bad)} '
+        f'variables, e.g. {bad[0]}); not pushed: lower the learning rates '
+        'or the reward scale')
+  return step
+
+
 class VariableContainerClient:
   """Pushes and pulls the nest `{'policy_variables': ..., 'train_step': ...}`."""
 
@@ -116,13 +128,7 @@ class VariableContainerClient:
 
   def push(self, variables) -> None:
     """Publishes `variables` and their train_step; never non-finite ones."""
-    step = int(variables[TRAIN_STEP_KEY].numpy())
-    bad = non_finite(variables)
-    if bad:
-      raise UserError(
-          f'weights became non-finite at train_step {step} ({len(bad)} '
-          f'variables, e.g. {bad[0]}); not pushed: lower the learning rates '
-          'or the reward scale')
+    step = refuse_non_finite(variables)
     self._retry('push', lambda: self._container.push(variables, self._table))
     if self._has_step_table:
       self._retry('push train_step', lambda: tables.insert_int64(
@@ -211,13 +217,7 @@ class ShardedVariablePusher:
     Raises:
       UserError: a variable is NaN or inf (nothing is pushed).
     """
-    step = int(variables[TRAIN_STEP_KEY].numpy())
-    bad = non_finite(variables)
-    if bad:
-      raise UserError(
-          f'weights became non-finite at train_step {step} ({len(bad)} '
-          f'variables, e.g. {bad[0]}); not pushed: lower the learning rates '
-          'or the reward scale')
+    step = refuse_non_finite(variables)
     # A copy: training goes on changing the variables while threads push.
     snapshot = tf.nest.map_structure(lambda v: v.numpy(), variables)
     for shard in self._shards:
