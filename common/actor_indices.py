@@ -101,9 +101,22 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
   # renewed, and its lease expires: never handed out twice.)
   start = time.monotonic()
   taker, source = None, None
+
+  def checked(index: int) -> int:
+    # A server started without the whole --replay_address list hands out
+    # every index: two actors would share one (its shard and its seeds).
+    if len(addresses) > 1 and shard_of(index, len(addresses)) != source:
+      raise UserError(
+          f'--task=auto: shard {source} ({addresses[source]}) handed out '
+          f'index {index}, which belongs to shard '
+          f'{shard_of(index, len(addresses))}: start every replay server with '
+          'the whole --replay_address list (and --replay_shard=<its position> '
+          'where it cannot tell)')
+    return index
+
   while True:
     if taker is not None and taker.result:
-      return taker.result[0]
+      return checked(taker.result[0])
     counts = _free_counts(addresses)
     answering = [k for k, n in enumerate(counts) if n is not None]
     if taker is not None and not taker.is_alive():
@@ -124,7 +137,7 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
     if taker is not None:
       taker.join(wait)
       if taker.result:
-        return taker.result[0]
+        return checked(taker.result[0])
     else:
       time.sleep(min(1.0, wait))
     elapsed = time.monotonic() - start

@@ -14,7 +14,13 @@ def _is_this_host(host: str) -> bool:
   if host in _LOCAL_HOSTS or host.startswith('127.'):
     return True
   try:
-    return host in (socket.gethostname(), socket.getfqdn())
+    if host in (socket.gethostname(), socket.getfqdn()):
+      return True
+    # A service name (compose, a Kubernetes headless Service) resolves to
+    # this container's own address.
+    own = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(),
+                                                     None)}
+    return bool(own & {info[4][0] for info in socket.getaddrinfo(host, None)})
   except OSError:
     return False
 

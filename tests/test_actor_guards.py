@@ -21,6 +21,7 @@ from common import agents
 from common import config as config_lib
 from common import environments
 from common import tables
+from common.errors import UserError
 from tests.cluster import TINY, free_port, table_size
 from variable_container import VariableContainerClient
 
@@ -88,6 +89,25 @@ def test_shards_hand_out_their_residue_class_and_claims_skip_a_dead_one():
     for k, (server, _) in enumerate(servers):
       if k != 1:
         server.stop()
+
+
+def test_a_shard_started_without_the_shard_list_is_refused_at_claim():
+  """Servers that each think they are the only shard hand out every index:
+  two actors would share one; the claim says so in one line instead."""
+  servers = [_index_server() for _ in range(2)]
+  addresses = [a for _, a in servers]
+  try:
+    shards = [actor_indices.ActorIndices(a, grace_s=0) for a in addresses]
+    for k, indices in enumerate(shards):
+      _poll_until(indices, lambda a=addresses[k]: _queue_size(a) > 0)
+    assert actor_indices.claim_actor_id(addresses, 10) == 0
+    with pytest.raises(UserError, match=r'shard 1 \(localhost:\d+\) handed '
+                       r'out index 0, which belongs to shard 0: start every '
+                       r'replay server with the whole --replay_address list'):
+      actor_indices.claim_actor_id(addresses, 10)
+  finally:
+    for server, _ in servers:
+      server.stop()
 
 
 def _server(cluster, env, extra=(), name='replay_server'):
