@@ -87,10 +87,15 @@ def test_learner_and_other_actor_survive_the_first_shard(cluster):
 
   # Shard 0 back, empty: it gets the weights again without a restart.
   start_shard(0)
-  _wait_until(lambda: _published_step(addresses[0]), 120,
-              'the restarted shard 0 never got weights',
+
+  def weights_on_shard_0():
+    if not _published_step(addresses[0]):
+      return False
+    info = reverb.Client(addresses[0]).server_info(timeout=10)
+    return info[config_lib.VARIABLE_TABLE].current_size == 1
+
+  _wait_until(weights_on_shard_0, 120,
+              'the restarted shard 0 never got the weights and their step',
               lambda: cluster.tail('learner'))
-  info = reverb.Client(addresses[0]).server_info(timeout=10)
-  assert info[config_lib.VARIABLE_TABLE].current_size == 1
   cluster.signal('learner')
   assert cluster.wait('learner', 60) == 0, cluster.tail('learner')
