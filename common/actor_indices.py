@@ -32,6 +32,9 @@ from common.tables import take_int64s
 # Free indices in the server's queue at a time: enough for a few actors that
 # start together, few enough that one freed below them is soon at the front.
 QUEUE_DEPTH = 8
+# How long a claim waits for every answering shard to have queued indices
+# (a shard queues them `--actor_lease_grace_s` after it starts).
+_SHARDS_SETTLE_S = 20.0
 
 
 def fill_actor_ids(address: str) -> int:
@@ -128,7 +131,11 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
       logging.warning('actor: %s stopped answering while handing out an '
                       'index; asking another shard', addresses[source])
       taker = None
-    if taker is None and answering:
+    # A shard that has not queued its indices yet (its start-up grace) would
+    # leave every actor to the others: wait a little for it.
+    settling = (any(counts[k] == 0 for k in answering) and
+                time.monotonic() - start < _SHARDS_SETTLE_S)
+    if taker is None and answering and not settling:
       # max() keeps the first of equal counts: the lower shard.
       source = max(answering, key=lambda k: counts[k])
       taker = _QueueTaker(addresses[source], config_lib.ACTOR_ID_TABLE)
