@@ -25,6 +25,7 @@ from actor.writer import StoppableTrajectoryObserver
 from common import actor_indices
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import contract
 from common import environments
 from common import outputs
@@ -164,7 +165,7 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
   agent = agents.create_agent(env, collect_config, train_step, s.env_name)
   variables = agents.shared_variables(agent, train_step)
   reverb_connection.check_table_signature(
-      info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
+      info, table_names.REPLAY_TABLE, agents.replay_signature(agent),
       write_address)
   # With variables on every shard, this actor reads its own write shard:
   # the loss of another shard (the first included) does not stop it.
@@ -186,7 +187,7 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
   collector = collector_lib.Collector(env, observers)
   # A prioritized table: new items enter at the largest priority the learner
   # has written (read with every pull), so each is sampled soon.
-  prioritized = config_lib.MAX_PRIORITY_TABLE in info
+  prioritized = table_names.MAX_PRIORITY_TABLE in info
 
   def update_priority():
     try:

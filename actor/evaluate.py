@@ -27,6 +27,7 @@ from actor import env_processes
 from actor import eval_outputs
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import contract
 from common import environments
 from common import outputs
@@ -164,7 +165,7 @@ def _transitions_inserted(replay_shards: Sequence[str]):
   try:
     return sum(
         int(reverb.Client(address).server_info(timeout=5)[
-            config_lib.REPLAY_TABLE].rate_limiter_info.insert_stats.completed)
+            table_names.REPLAY_TABLE].rate_limiter_info.insert_stats.completed)
         for address in replay_shards)
   except Exception:  # pylint: disable=broad-except
     return None

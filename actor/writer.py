@@ -23,7 +23,7 @@ from tf_agents.replay_buffers import reverb_utils
 from tf_agents.trajectories import time_step as ts
 import tree
 
-from common import config as config_lib
+from common import table_names
 
 
 class CollectionStopped(Exception):
@@ -65,9 +65,9 @@ class StoppableTrajectoryObserver(reverb_utils.ReverbAddTrajectoryObserver):
                should_stop: Callable[[], bool], sequence_length: int = 2,
                max_in_flight_items: int = 16, wait_slice_ms: int = 500,
                who: str = 'actor'):
-    super().__init__(py_client, config_lib.REPLAY_TABLE,
+    super().__init__(py_client, table_names.REPLAY_TABLE,
                      sequence_length=sequence_length,
-                     stride_length=config_lib.STRIDE_LENGTH)
+                     stride_length=table_names.STRIDE_LENGTH)
     self._py_writer = self._writer  # reverb.TrajectoryWriter
     self._cpp_writer = self._writer._writer  # pylint: disable=protected-access
     self._writer = _InterruptibleEndEpisode(self._writer, self)

@@ -235,7 +235,7 @@ def fill(address: str, agent, items: int, table: Optional[str] = None) -> float:
   import reverb  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_agents.replay_buffers import reverb_utils  # pylint: disable=g-import-not-at-top
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from common import table_names  # pylint: disable=g-import-not-at-top
   spec = agent.collect_data_spec
   rng = np.random.default_rng(0)
 
@@ -248,8 +248,8 @@ def fill(address: str, agent, items: int, table: Optional[str] = None) -> float:
 
   steps = [sample_step() for _ in range(64)]
   observer = reverb_utils.ReverbAddTrajectoryObserver(
-      reverb.Client(address), table or config_lib.REPLAY_TABLE,
-      sequence_length=2, stride_length=config_lib.STRIDE_LENGTH)
+      reverb.Client(address), table or table_names.REPLAY_TABLE,
+      sequence_length=2, stride_length=table_names.STRIDE_LENGTH)
   start = time.perf_counter()
   for i in range(items + 1):
     observer(steps[i % len(steps)])

@@ -65,13 +65,14 @@ def live_dataset_fn(address, agent, knobs=None):
   """The learner's own pipeline; with `knobs`, bench.replay_shards' copy of
   it with those Reverb settings."""
   from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from common import table_names  # pylint: disable=g-import-not-at-top
   from learner import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   if knobs:
     from bench import replay_shards  # pylint: disable=g-import-not-at-top
     return lambda: replay_shards.pipeline([address], agent.collect_data_spec,
                                           knobs)
   return lambda: dataset_lib.experience_dataset(
-      address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+      address, table_names.REPLAY_TABLE, agent.collect_data_spec,
       config_lib.SacConfig().batch_size, 2)
 
 

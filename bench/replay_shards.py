@@ -43,24 +43,24 @@ ITEMS_PER_SHARD = 20000
 def pipeline(addresses, data_spec, knobs):
   """The learner's pipeline; with Reverb knobs, a copy of it that sets them."""
   from learner import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from common import table_names  # pylint: disable=g-import-not-at-top
   readers = knobs.get('parallel_readers', 2)
   reverb_knobs = {k: v for k, v in knobs.items() if k != 'parallel_readers'}
   if not reverb_knobs:
     return dataset_lib.experience_dataset(
-        addresses, config_lib.REPLAY_TABLE, data_spec, BATCH, 2,
+        addresses, table_names.REPLAY_TABLE, data_spec, BATCH, 2,
         parallel_readers=readers)
   import reverb  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   signature = reverb.Client(addresses[0]).server_info()[
-      config_lib.REPLAY_TABLE].signature
+      table_names.REPLAY_TABLE].signature
   shapes = tf.nest.map_structure(lambda x: x.shape, signature)
   dtypes = tf.nest.map_structure(lambda x: x.dtype, signature)
   reverb_knobs.setdefault('max_in_flight_samples_per_worker', 2 * BATCH)
 
   def reader(server):
     return reverb.TrajectoryDataset(
-        server_address=server, table=config_lib.REPLAY_TABLE, shapes=shapes,
+        server_address=server, table=table_names.REPLAY_TABLE, shapes=shapes,
         dtypes=dtypes, **reverb_knobs).batch(BATCH, drop_remainder=True)
 
   def repack(sample):

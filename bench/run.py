@@ -42,6 +42,7 @@ from bench import learner_input
 from bench import replay_shards
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import environments
 from bench.tutorial_replay import tutorial_replay
 from tests.cluster import Cluster, free_port, processes_naming
@@ -107,7 +108,7 @@ def sampling_rates(env_name, address):
       learner_input.live_dataset_fn(address, agent)())
   stock = reverb_replay_buffer.ReverbReplayBuffer(
       agent.collect_data_spec, sequence_length=2,
-      table_name=config_lib.REPLAY_TABLE, server_address=address)
+      table_name=table_names.REPLAY_TABLE, server_address=address)
   stock_rate = learner_input.batches_per_s(stock.as_dataset(
       sample_batch_size=SAC.batch_size, num_steps=2).prefetch(50))
   return sample_rate, stock_rate

@@ -50,6 +50,7 @@ def measure(env_name: str, address: str, checks: int = 50) -> dict:
   """Pushes the weights once, then reads the step both ways."""
   from common import agents  # pylint: disable=g-import-not-at-top
   from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from common import table_names  # pylint: disable=g-import-not-at-top
   from common import environments  # pylint: disable=g-import-not-at-top
   from variable_container import VariableContainerClient  # pylint: disable=g-import-not-at-top
   env = environments.load_environment(env_name)
@@ -61,7 +62,7 @@ def measure(env_name: str, address: str, checks: int = 50) -> dict:
   assert client.latest_train_step() == 123
   container = client._container  # pylint: disable=protected-access
   pull_bytes, pull_ms = _per_check(
-      lambda: container.pull(config_lib.VARIABLE_TABLE), checks)
+      lambda: container.pull(table_names.VARIABLE_TABLE), checks)
   read_bytes, read_ms = _per_check(client.latest_train_step, checks)
   return {'train_step_check_bytes_by_pull': round(pull_bytes),
           'train_step_check_bytes_by_step_table': round(read_bytes),

@@ -8,10 +8,10 @@ def tutorial_replay(agent, capacity: int, batch_size: int):
   import reverb
   from tf_agents.replay_buffers import reverb_replay_buffer
   from tf_agents.replay_buffers import reverb_utils
-  from common import config as config_lib
+  from common import table_names  # pylint: disable=g-import-not-at-top
   # pylint: enable=g-import-not-at-top
   table = reverb.Table(
-      config_lib.REPLAY_TABLE,
+      table_names.REPLAY_TABLE,
       max_size=capacity,
       sampler=reverb.selectors.Uniform(),
       remover=reverb.selectors.Fifo(),
@@ -19,10 +19,10 @@ def tutorial_replay(agent, capacity: int, batch_size: int):
   server = reverb.Server([table])
   replay = reverb_replay_buffer.ReverbReplayBuffer(
       agent.collect_data_spec, sequence_length=2,
-      table_name=config_lib.REPLAY_TABLE, local_server=server)
+      table_name=table_names.REPLAY_TABLE, local_server=server)
   dataset = replay.as_dataset(sample_batch_size=batch_size,
                               num_steps=2).prefetch(50)
   observer = reverb_utils.ReverbAddTrajectoryObserver(
-      replay.py_client, config_lib.REPLAY_TABLE, sequence_length=2,
+      replay.py_client, table_names.REPLAY_TABLE, sequence_length=2,
       stride_length=1)
   return server, dataset, observer

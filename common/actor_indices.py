@@ -23,7 +23,7 @@ from absl import logging
 import numpy as np
 import reverb
 
-from common import config as config_lib
+from common import table_names
 from common.errors import UserError
 from common.tables import _QueueTaker
 from common.tables import insert_int64
@@ -44,19 +44,19 @@ def fill_actor_ids(address: str) -> int:
   Does nothing if the queue is not empty (restored from a checkpoint).
   Returns the number of indices queued.
   """
-  return _queue_actor_ids(address, range(config_lib.MAX_ACTOR_IDS),
+  return _queue_actor_ids(address, range(table_names.MAX_ACTOR_IDS),
                           only_if_empty=True)
 
 
 def _queue_actor_ids(address: str, indices, only_if_empty: bool = False) -> int:
   client = reverb.Client(address)
   if (only_if_empty and
-      client.server_info()[config_lib.ACTOR_ID_TABLE].current_size):
+      client.server_info()[table_names.ACTOR_ID_TABLE].current_size):
     return 0  # Restored from a checkpoint: keep the indices not yet taken.
   with client.writer(max_sequence_length=1) as writer:
     for index in indices:
       writer.append(np.int64(index))
-      writer.create_item(config_lib.ACTOR_ID_TABLE, num_timesteps=1,
+      writer.create_item(table_names.ACTOR_ID_TABLE, num_timesteps=1,
                          priority=1.0)
   return len(indices)
 
@@ -75,10 +75,10 @@ def _free_counts(addresses: Sequence[str]) -> List:
     except Exception:  # pylint: disable=broad-except
       counts.append(None)
       continue
-    table = info.get(config_lib.ACTOR_ID_TABLE)
+    table = info.get(table_names.ACTOR_ID_TABLE)
     if table is None:
       raise UserError(f'--task=auto: the server at {address} has no '
-                      f'{config_lib.ACTOR_ID_TABLE!r} table (not started '
+                      f'{table_names.ACTOR_ID_TABLE!r} table (not started '
                       'with python -m replay_server?); give --task=<index>')
     counts.append(table.current_size)
   return counts
@@ -138,7 +138,7 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
     if taker is None and answering and not settling:
       # max() keeps the first of equal counts: the lower shard.
       source = max(answering, key=lambda k: counts[k])
-      taker = _QueueTaker(addresses[source], config_lib.ACTOR_ID_TABLE)
+      taker = _QueueTaker(addresses[source], table_names.ACTOR_ID_TABLE)
     elapsed = time.monotonic() - start
     wait = max(0.0, min(5.0, timeout_s - elapsed))
     if taker is not None:
@@ -152,7 +152,7 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
     if elapsed >= timeout_s:
       raise UserError(
           f'--task=auto: no free actor index from {where} within '
-          f'{timeout_s:g}s (all {config_lib.MAX_ACTOR_IDS} taken, or no '
+          f'{timeout_s:g}s (all {table_names.MAX_ACTOR_IDS} taken, or no '
           'server is handing them out); give --task=<index> or raise '
           '--server_timeout_s')
     if should_stop():
@@ -176,7 +176,7 @@ class ActorLease:
   """
 
   def __init__(self, address: str, index: int,
-               interval_s: float = config_lib.ACTOR_LEASE_INTERVAL_S):
+               interval_s: float = table_names.ACTOR_LEASE_INTERVAL_S):
     self._address = address
     self._index = index
     self._interval_s = interval_s
@@ -197,10 +197,10 @@ class ActorLease:
       try:
         if client is None:
           client = reverb.Client(self._address)
-          if config_lib.ACTOR_LEASE_TABLE not in client.server_info(
+          if table_names.ACTOR_LEASE_TABLE not in client.server_info(
               timeout=2):
             return  # A server without leases (older or not ours).
-        insert_int64(client, config_lib.ACTOR_LEASE_TABLE, self._index)
+        insert_int64(client, table_names.ACTOR_LEASE_TABLE, self._index)
       except Exception:  # pylint: disable=broad-except
         client = None  # Reconnect next time (a fresh channel, no backoff).
       if self._done.wait(self._interval_s):
@@ -231,9 +231,9 @@ class ActorIndices:
     self._address = address
     self._client = reverb.Client(address)
     self._lease_timeout_s = lease_timeout_s
-    self._universe = range(shard, config_lib.MAX_ACTOR_IDS, num_shards)
+    self._universe = range(shard, table_names.MAX_ACTOR_IDS, num_shards)
     self._mine = mine = set(self._universe)
-    restored = [i for i in take_int64s(address, config_lib.ACTOR_ID_TABLE,
+    restored = [i for i in take_int64s(address, table_names.ACTOR_ID_TABLE,
                                        200, limit=None, max_in_flight=256)
                 if i in mine]
     now = time.monotonic()
@@ -255,8 +255,8 @@ class ActorIndices:
     """Reads lease renewals; after the grace, hands back expired indices and
     keeps the lowest free ones queued."""
     info = self._client.server_info(timeout=5)
-    size = info[config_lib.ACTOR_LEASE_TABLE].current_size
-    renewed = set(take_int64s(self._address, config_lib.ACTOR_LEASE_TABLE,
+    size = info[table_names.ACTOR_LEASE_TABLE].current_size
+    renewed = set(take_int64s(self._address, table_names.ACTOR_LEASE_TABLE,
                               100, limit=size, max_in_flight=64)
                   ) if size else set()
     now = time.monotonic()
@@ -274,7 +274,7 @@ class ActorIndices:
                    '%s', len(free), free[0] if free else -1,
                    ' (restored)' if self._restored else '',
                    sorted(self.renewed & set(self._leases)) or 'none')
-    self._taken(info[config_lib.ACTOR_ID_TABLE].current_size, now)
+    self._taken(info[table_names.ACTOR_ID_TABLE].current_size, now)
     expired = sorted(i for i, at in self._leases.items()
                      if now - at > self._lease_timeout_s)
     for index in expired:
@@ -305,13 +305,13 @@ class ActorIndices:
     if self._queued != wanted[:len(self._queued)]:
       # An index below the queued ones came free (its actor is gone): take the
       # queue back, so that the next actor gets the lowest index.
-      back = set(take_int64s(self._address, config_lib.ACTOR_ID_TABLE, 200,
+      back = set(take_int64s(self._address, table_names.ACTOR_ID_TABLE, 200,
                              limit=len(self._queued)))
       # A sample still in flight gives up (after 200 ms) before new items
       # come, or it would take one of them unseen.
       time.sleep(0.3)
       size = self._client.server_info(
-          timeout=5)[config_lib.ACTOR_ID_TABLE].current_size
+          timeout=5)[table_names.ACTOR_ID_TABLE].current_size
       gone = self._queued[:len(self._queued) - size]
       del self._queued[:len(self._queued) - size]
       for index in gone:

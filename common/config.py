@@ -9,27 +9,6 @@ processes given the same flags agree on every spec without exchanging files.
 import dataclasses
 from typing import Optional, Tuple, Union
 
-# Table names shared with stock TF-Agents clients.
-REPLAY_TABLE = 'uniform_table'
-VARIABLE_TABLE = 'variables'  # reverb_variable_container.DEFAULT_TABLE
-# A queue of free actor indices; `--task=auto` actors take the next one.
-ACTOR_ID_TABLE = 'actor_ids'
-MAX_ACTOR_IDS = 4096
-# Live actors renew their index here every ACTOR_LEASE_INTERVAL_S seconds; a
-# replay server that starts without a checkpoint waits a grace period for
-# these renewals before it hands out indices, so none is handed out twice.
-ACTOR_LEASE_TABLE = 'actor_leases'
-ACTOR_LEASE_INTERVAL_S = 2.0
-# The learner's train_step as one int64 item, written with every weight push,
-# so actors and the evaluator read the weight version without pulling the
-# weights.
-TRAIN_STEP_TABLE = 'train_step'
-# Items are written with stride 1; their length is the agent's
-# `train_sequence_length` (SAC: 2, (s, a, r, s'); N-step DQN: N+1).
-STRIDE_LENGTH = 1
-# With --replay=prioritized: the largest priority the learner has written,
-# one float64 item, read by actors so new items enter at the max priority.
-MAX_PRIORITY_TABLE = 'max_priority'
 
 
 @dataclasses.dataclass(frozen=True)

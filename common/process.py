@@ -140,6 +140,18 @@ class StopRequest:
     return self._event.wait(seconds)
 
 
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+  """In a child process: receive `signum` when the parent dies, however it
+  dies (Linux prctl PR_SET_PDEATHSIG); elsewhere a no-op. For `preexec_fn`
+  or the first line of a subprocess's main."""
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    pr_set_pdeathsig = 1
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(pr_set_pdeathsig, signum)
+  except (OSError, AttributeError):
+    pass
+
+
 def seed_everything(seed: int, program: str) -> None:
   """Seeds Python, NumPy and TensorFlow from the run seed and the role.
 
@@ -149,13 +161,13 @@ def seed_everything(seed: int, program: str) -> None:
   if program not in ('learner', 'actor'):
     return  # The others sample nothing (and the launcher stays TF-free).
   import random  # pylint: disable=g-import-not-at-top
-  import zlib  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  role = program
+  from common import seeds  # pylint: disable=g-import-not-at-top
+  path = [program]
   if 'task' in flags.FLAGS and 'mode' in flags.FLAGS:
-    role = f'{program}/{flags.FLAGS.mode}/{flags.FLAGS.task}'
-  value = (seed * 1000003 + zlib.crc32(role.encode())) % (2**31 - 1)
+    path += [flags.FLAGS.mode, flags.FLAGS.task]
+  value = seeds.derive(seed, *path)
   random.seed(value)
   np.random.seed(value)
   tf.random.set_seed(value)

@@ -25,6 +25,7 @@ import tree
 
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import environments
 from common import outputs
 from common.errors import UserError
@@ -51,7 +52,7 @@ def replay_table(signature, replay: config_lib.ReplayConfig,
   sampler = (reverb.selectors.Prioritized(replay.priority_exponent)
              if replay.prioritized else reverb.selectors.Uniform())
   return reverb.Table(
-      name=config_lib.REPLAY_TABLE,
+      name=table_names.REPLAY_TABLE,
       max_size=replay.replay_capacity,
       sampler=sampler,
       remover=reverb.selectors.Fifo(),
@@ -62,7 +63,7 @@ def replay_table(signature, replay: config_lib.ReplayConfig,
 
 def variable_table(signature) -> reverb.Table:
   return reverb.Table(
-      name=config_lib.VARIABLE_TABLE,
+      name=table_names.VARIABLE_TABLE,
       sampler=reverb.selectors.Uniform(),
       remover=reverb.selectors.Fifo(),
       rate_limiter=reverb.rate_limiters.MinSize(1),
@@ -72,8 +73,8 @@ def variable_table(signature) -> reverb.Table:
 
 
 def actor_id_table() -> reverb.Table:
-  return reverb.Table.queue(config_lib.ACTOR_ID_TABLE,
-                            max_size=config_lib.MAX_ACTOR_IDS)
+  return reverb.Table.queue(table_names.ACTOR_ID_TABLE,
+                            max_size=table_names.MAX_ACTOR_IDS)
 
 
 def actor_lease_table() -> reverb.Table:
@@ -83,10 +84,10 @@ def actor_lease_table() -> reverb.Table:
   room), and every item is gone after the server has sampled it.
   """
   return reverb.Table(
-      name=config_lib.ACTOR_LEASE_TABLE,
+      name=table_names.ACTOR_LEASE_TABLE,
       sampler=reverb.selectors.Fifo(),
       remover=reverb.selectors.Fifo(),
-      max_size=config_lib.MAX_ACTOR_IDS,
+      max_size=table_names.MAX_ACTOR_IDS,
       rate_limiter=reverb.rate_limiters.MinSize(1),
       max_times_sampled=1)
 
@@ -104,18 +105,18 @@ def _latest_value_table(name: str) -> reverb.Table:
 
 def train_step_table() -> reverb.Table:
   """The train_step of the latest weight push: one int64, read for pennies."""
-  return _latest_value_table(config_lib.TRAIN_STEP_TABLE)
+  return _latest_value_table(table_names.TRAIN_STEP_TABLE)
 
 
 def max_priority_table() -> reverb.Table:
   """The largest priority the learner has written: one float64 item."""
-  return _latest_value_table(config_lib.MAX_PRIORITY_TABLE)
+  return _latest_value_table(table_names.MAX_PRIORITY_TABLE)
 
 
 def read_max_priority(client: reverb.Client,
                       timeout_s: float = 2.0) -> Optional[float]:
   """The learner's max priority; None before its first update (or no table)."""
-  return published_value(client, config_lib.MAX_PRIORITY_TABLE,
+  return published_value(client, table_names.MAX_PRIORITY_TABLE,
                          timeout_s=timeout_s, convert=float)
 
 
@@ -395,10 +396,10 @@ def start_server(tables: List[reverb.Table], port: int,
 
 # The flags behind a replay table setting, named in the restore error.
 _SETTING_FLAGS = {
-    (config_lib.REPLAY_TABLE, 'max_size'): '--replay_capacity',
-    (config_lib.REPLAY_TABLE, 'selector (sampler)'):
+    (table_names.REPLAY_TABLE, 'max_size'): '--replay_capacity',
+    (table_names.REPLAY_TABLE, 'selector (sampler)'):
         '--replay, --priority_exponent',
-    (config_lib.REPLAY_TABLE, 'rate limiter'):
+    (table_names.REPLAY_TABLE, 'rate limiter'):
         '--rate_limiter, --samples_per_insert, --min_size_to_sample',
 }
 
@@ -503,7 +504,7 @@ def _port_is_free(port: int) -> bool:
 def _sizes(client: reverb.Client) -> str:
   info = client.server_info(timeout=10)
   # The lease table's items are read once each, the contract is one item.
-  hidden = (config_lib.ACTOR_LEASE_TABLE, 'run_contract')
+  hidden = (table_names.ACTOR_LEASE_TABLE, 'run_contract')
   return ', '.join(f'{name}={info[name].current_size}' for name in sorted(info)
                    if name not in hidden)
 
@@ -525,7 +526,7 @@ def published_value(client: reverb.Client, table: str, server_info=None,
 def published_train_step(client: reverb.Client, server_info=None,
                          timeout_s: float = 5.0) -> Optional[int]:
   """The step in the `train_step` table; None if it has none (or no table)."""
-  return published_value(client, config_lib.TRAIN_STEP_TABLE, server_info,
+  return published_value(client, table_names.TRAIN_STEP_TABLE, server_info,
                          timeout_s)
 
 
@@ -603,7 +604,7 @@ def serve(tables: List[reverb.Table], port: int, should_stop,
     logging.info('checkpoints in %s every %gs; restored: %s', checkpoint_dir,
                  checkpoint_interval_s, _sizes(client))
   actor_ids = None
-  if any(t.name == config_lib.ACTOR_ID_TABLE for t in tables):
+  if any(t.name == table_names.ACTOR_ID_TABLE for t in tables):
     from common import actor_indices  # pylint: disable=g-import-not-at-top
     actor_ids = actor_indices.ActorIndices(
         address, actor_lease_grace_s, shard=shard, num_shards=num_shards,

@@ -18,7 +18,7 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
-from common import config as config_lib
+from common import table_names
 
 # Added to every priority, so that no item's probability becomes 0.
 PRIORITY_EPSILON = 1e-6
@@ -162,7 +162,7 @@ class _ShardWriter(threading.Thread):
       updates = dict(zip(keys.tolist(), priorities.tolist()))
       try:
         client = client or reverb.Client(self._address)
-        client.mutate_priorities(config_lib.REPLAY_TABLE, updates=updates)
+        client.mutate_priorities(table_names.REPLAY_TABLE, updates=updates)
         self.updated += len(updates)
         if self._recent_max is not None:
           self._recent_max.append(float(priorities.max()))
@@ -186,5 +186,5 @@ class _ShardWriter(threading.Thread):
         abs(value - self._published) <= 0.05 * self._published):
       return
     client.insert(np.float64(value),
-                  priorities={config_lib.MAX_PRIORITY_TABLE: 1.0})
+                  priorities={table_names.MAX_PRIORITY_TABLE: 1.0})
     self._published, self._last_publish = value, now

@@ -24,6 +24,7 @@ from tf_agents.train.utils import train_utils
 
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import contract
 from common import environments
 from common import outputs
@@ -100,9 +101,9 @@ def _table_state(addresses: Sequence[str]) -> str:
     where = f' at {address}' if len(addresses) > 1 else ''
     try:
       info = reverb.Client(address).server_info(timeout=5)
-      table = info[config_lib.REPLAY_TABLE]
+      table = info[table_names.REPLAY_TABLE]
       states.append(
-          f'{config_lib.REPLAY_TABLE}{where} holds {table.current_size} '
+          f'{table_names.REPLAY_TABLE}{where} holds {table.current_size} '
           'items; ' + str(table.rate_limiter_info).replace('\n', ' ')[:200])
     except Exception as e:  # pylint: disable=broad-except
       states.append(f'replay server{where} not answering '
@@ -326,7 +327,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
 
   for address, info in zip(s.shards, _wait_for_shards(s, should_stop)):
     reverb_connection.check_table_signature(
-        info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
+        info, table_names.REPLAY_TABLE, agents.replay_signature(agent),
         address)
     contract.check(address, s.contract, 'learner', server_info=info)
   malloc = process.allocator()
@@ -350,7 +351,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
 
   def experience_dataset_fn():
     dataset = dataset_lib.experience_dataset(
-        s.shards, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        s.shards, table_names.REPLAY_TABLE, agent.collect_data_spec,
         per_replica_batch, agents.sequence_length(agent),
         parallel_readers=s.sample_parallel_readers,
         prefetch=s.prefetch_batches,

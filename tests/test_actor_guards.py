@@ -19,6 +19,7 @@ from tf_agents.trajectories import time_step as ts
 from common import actor_indices
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import environments
 from common import tables
 from common.errors import UserError
@@ -42,7 +43,7 @@ def _poll_until(indices, condition, timeout_s=20.0):
 
 def _queue_size(address):
   return reverb.Client(address).server_info(
-      timeout=5)[config_lib.ACTOR_ID_TABLE].current_size
+      timeout=5)[table_names.ACTOR_ID_TABLE].current_size
 
 
 def test_expired_index_is_handed_out_again_lowest_first():
@@ -280,7 +281,7 @@ def test_card_game_actor_writes_no_item_past_an_episode_end(cluster,
     time.sleep(0.5)
   client = reverb.Client(address)
   last, first = int(ts.StepType.LAST), int(ts.StepType.FIRST)
-  for sample in client.sample(config_lib.REPLAY_TABLE, num_samples=300,
+  for sample in client.sample(table_names.REPLAY_TABLE, num_samples=300,
                               emit_timesteps=False,
                               unpack_as_table_signature=True):
     step_type = np.asarray(sample.data.step_type).tolist()

@@ -5,7 +5,7 @@ import time
 import pytest
 import reverb
 
-from common import config as config_lib
+from common import table_names
 from common import contract
 from tests.cluster import TINY, free_port
 
@@ -34,7 +34,7 @@ def _sizes(address):
   # sample), and the server consumes actors' lease renewals on its own.
   return {name: (t.current_size, t.num_episodes, t.num_unique_samples)
           for name, t in info.items()
-          if name not in (config_lib.ACTOR_LEASE_TABLE, contract.CONTRACT_TABLE)}
+          if name not in (table_names.ACTOR_LEASE_TABLE, contract.CONTRACT_TABLE)}
 
 
 def _cases(address, port, tmp):

@@ -12,7 +12,7 @@ import time
 import tensorflow as tf
 
 from common import actor_indices
-from common import config as config_lib
+from common import table_names
 from common import tables
 
 from tests.cluster import TINY, free_port, table_size
@@ -277,7 +277,7 @@ def test_learner_ctrl_c_leaves_checkpoint_and_push_then_rollback(
                               'ckpt-*.index'))
   assert max(int(re.search(r'ckpt-(\d+)', p).group(1))
              for p in checkpoints) == last
-  assert tables.take_int64s(address, config_lib.TRAIN_STEP_TABLE,
+  assert tables.take_int64s(address, table_names.TRAIN_STEP_TABLE,
                             5000) == [last]
 
   cluster.start('learner_b', 'learner', flags + [f'--root_dir={tmp_path}/b'])

@@ -11,6 +11,7 @@ import tensorflow as tf
 from actor.collect import initial_collect_share
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import environments
 from common import reverb_connection
 from common import actor_indices
@@ -102,7 +103,7 @@ def test_wait_for_server_proceeds_once_server_is_up():
     info = reverb_connection.wait_for_server(f'localhost:{port}', 60, 'test')
     assert time.monotonic() - start >= 2.5
     reverb_connection.check_table_signature(
-        info, config_lib.REPLAY_TABLE, agents.replay_signature(agent),
+        info, table_names.REPLAY_TABLE, agents.replay_signature(agent),
         f'localhost:{port}')
   finally:
     timer.join()
@@ -120,7 +121,7 @@ def test_signature_mismatch_names_table_and_specs():
     info = reverb.Client(f'localhost:{server.port}').server_info()
     with pytest.raises(UserError) as e:
       reverb_connection.check_table_signature(
-          info, config_lib.REPLAY_TABLE, agents.replay_signature(other),
+          info, table_names.REPLAY_TABLE, agents.replay_signature(other),
           f'localhost:{server.port}')
     message = str(e.value)
     assert "table 'uniform_table'" in message
@@ -205,7 +206,7 @@ def test_alive_bonus_reaches_the_learner_not_the_table():
   address = f'localhost:{server.port}'
   try:
     observer = reverb_utils.ReverbAddTrajectoryObserver(
-        reverb.Client(address), config_lib.REPLAY_TABLE, sequence_length=2,
+        reverb.Client(address), table_names.REPLAY_TABLE, sequence_length=2,
         stride_length=1)
     obs, act = np.zeros(3, np.float32), np.zeros(1, np.float32)
     # One 3-step episode that ends by termination (discount 0 at the end).
@@ -218,7 +219,7 @@ def test_alive_bonus_reaches_the_learner_not_the_table():
       observer(step)
     observer.close()
     dataset = dataset_lib.experience_dataset(
-        address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        address, table_names.REPLAY_TABLE, agent.collect_data_spec,
         batch_size=64, sequence_length=2, parallel_readers=1,
         alive_bonus=0.5)
     experience, _ = next(iter(dataset))
@@ -227,7 +228,7 @@ def test_alive_bonus_reaches_the_learner_not_the_table():
     # discount 0 (the episode ended there: no bonus).
     assert set(np.round(first, 3)) == {1.5, 2.0}, first
     plain = dataset_lib.experience_dataset(
-        address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        address, table_names.REPLAY_TABLE, agent.collect_data_spec,
         batch_size=64, sequence_length=2, parallel_readers=1)
     experience, _ = next(iter(plain))
     assert set(np.round(experience.reward.numpy()[:, 0], 3)) == {1.0, 2.0}

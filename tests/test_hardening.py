@@ -17,7 +17,7 @@ from tf_agents.train import learner as tfa_learner
 from tf_agents.train.utils import train_utils
 
 from common import agents
-from common import config as config_lib
+from common import table_names
 from common import environments
 from common import actor_indices
 from common import tables
@@ -103,7 +103,7 @@ def test_a_bug_fails_at_once_and_an_outage_is_retried(pendulum):
     outage = [tf.errors.UnavailableError(None, None, 'Socket closed'),
               RuntimeError('recvmsg: Connection reset by peer')]
     real = reverb_variable_container.ReverbVariableContainer(
-        address, table_names=[config_lib.VARIABLE_TABLE])
+        address, table_names=[table_names.VARIABLE_TABLE])
 
     def push_after_outage(values, table):
       if outage:
@@ -133,14 +133,14 @@ def test_train_step_is_read_without_pulling_the_weights(pendulum):
     assert client.latest_train_step() is None
     # A stock TF-Agents learner pushes the weights only: still readable.
     stock = reverb_variable_container.ReverbVariableContainer(
-        address, table_names=[config_lib.VARIABLE_TABLE])
+        address, table_names=[table_names.VARIABLE_TABLE])
     agent.train_step_counter.assign(3)
     stock.push(variables)
     assert client.latest_train_step() == 3
     # Ours also writes the one-integer table, which is what is read.
     agent.train_step_counter.assign(9)
     client.push(variables)
-    assert tables.take_int64s(address, config_lib.TRAIN_STEP_TABLE,
+    assert tables.take_int64s(address, table_names.TRAIN_STEP_TABLE,
                               1000) == [9]
     assert client.latest_train_step() == 9
   finally:
@@ -156,7 +156,7 @@ def test_the_input_pipeline_keeps_every_sampled_item_across_waits(pendulum):
   """
   agent = agents.create_agent(pendulum, TINY_SAC)
   table = reverb.Table(
-      name=config_lib.REPLAY_TABLE, sampler=reverb.selectors.Fifo(),
+      name=table_names.REPLAY_TABLE, sampler=reverb.selectors.Fifo(),
       remover=reverb.selectors.Fifo(), max_size=1000, max_times_sampled=1,
       rate_limiter=reverb.rate_limiters.MinSize(1),
       signature=agents.replay_signature(agent))
@@ -166,7 +166,7 @@ def test_the_input_pipeline_keeps_every_sampled_item_across_waits(pendulum):
   batch, bursts = 8, 4
   try:
     dataset = dataset_lib.experience_dataset(
-        address, config_lib.REPLAY_TABLE, agent.collect_data_spec,
+        address, table_names.REPLAY_TABLE, agent.collect_data_spec,
         batch_size=batch, sequence_length=2, parallel_readers=2, prefetch=2,
         rate_limiter_timeout_ms=300, keep_going=lambda: not stop.is_set())
     received = []
@@ -190,7 +190,7 @@ def test_the_input_pipeline_keeps_every_sampled_item_across_waits(pendulum):
             step = step._replace(observation=np.full(
                 3, burst * batch + i, np.float32))
             writer.append(step)
-          writer.create_item(config_lib.REPLAY_TABLE, 1.0,
+          writer.create_item(table_names.REPLAY_TABLE, 1.0,
                              tf.nest.map_structure(lambda c: c[-2:],
                                                    writer.history))
           writer.end_episode()

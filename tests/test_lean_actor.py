@@ -23,6 +23,7 @@ from tf_agents.trajectories import trajectory
 from actor.writer import StoppableTrajectoryObserver
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import environments
 from tests.cluster import TINY, free_port, table_size
 from variable_container import VariableContainerClient
@@ -236,7 +237,7 @@ def test_writer_writes_the_items_tf_agents_observer_writes():
         lambda s, n=length: tf.TensorSpec((n,) + tuple(s.shape), s.dtype),
         spec)
     tables = [reverb.Table.queue(name, 10000, signature=signature)
-              for name in (config_lib.REPLAY_TABLE, 'stock')]
+              for name in (table_names.REPLAY_TABLE, 'stock')]
     server = reverb.Server(tables, port=free_port())
     client = reverb.Client(f'localhost:{server.port}')
     try:
@@ -255,7 +256,7 @@ def test_writer_writes_the_items_tf_agents_observer_writes():
           stock(step)
       ours.flush()
       stock.flush()
-      mine, theirs = (_drain(client, config_lib.REPLAY_TABLE),
+      mine, theirs = (_drain(client, table_names.REPLAY_TABLE),
                       _drain(client, 'stock'))
       assert len(mine) == len(theirs) >= 9
       for (p1, d1), (p2, d2) in zip(mine, theirs):
@@ -358,7 +359,7 @@ def _who_wrote(address, num_items=300):
   """(pid, seed) of the environments whose steps are in sampled items."""
   client = reverb.Client(address)
   writers = set()
-  for sample in client.sample(config_lib.REPLAY_TABLE, num_samples=num_items,
+  for sample in client.sample(table_names.REPLAY_TABLE, num_samples=num_items,
                               emit_timesteps=False,
                               unpack_as_table_signature=True):
     observation = np.asarray(sample.data.observation)

@@ -21,6 +21,7 @@ from tf_agents.train.utils import train_utils
 
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import environments
 from common import tables
 from learner import priorities as priorities_lib
@@ -121,7 +122,7 @@ def test_non_finite_weights_are_never_checkpointed_and_a_restart_skips_them(
 
 def _prioritized_server(items=8):
   table = reverb.Table(
-      config_lib.REPLAY_TABLE, reverb.selectors.Prioritized(0.6),
+      table_names.REPLAY_TABLE, reverb.selectors.Prioritized(0.6),
       reverb.selectors.Fifo(), 1000, reverb.rate_limiters.MinSize(1),
       signature=tf.TensorSpec([None, 3], tf.float32))
   server = reverb.Server([table, tables.max_priority_table()],
@@ -131,13 +132,13 @@ def _prioritized_server(items=8):
     for i in range(items + 1):
       writer.append(np.full([3], i, np.float32))
       if i:
-        writer.create_item(config_lib.REPLAY_TABLE, 1.0, writer.history[-2:])
+        writer.create_item(table_names.REPLAY_TABLE, 1.0, writer.history[-2:])
   return server, client
 
 
 def _priorities(client):
-  info = client.server_info()[config_lib.REPLAY_TABLE]
-  samples = client.sample(config_lib.REPLAY_TABLE, num_samples=200)
+  info = client.server_info()[table_names.REPLAY_TABLE]
+  samples = client.sample(table_names.REPLAY_TABLE, num_samples=200)
   found = {s[0].info.key: s[0].info.priority for s in samples}
   assert len(found) == info.current_size, (found, info.current_size)
   return found

@@ -18,6 +18,7 @@ from tf_agents.train.utils import train_utils
 from actor import collect as collect_lib
 from common import agents
 from common import config as config_lib
+from common import table_names
 from common import environments
 from common import tables
 from learner import priorities
@@ -134,7 +135,7 @@ def test_restore_keeps_items_and_priorities():
 
   def items_by_key(client):
     """{key: (priority, the item's steps)}, from enough samples to see all."""
-    samples = client.sample(config_lib.REPLAY_TABLE, num_samples=300)
+    samples = client.sample(table_names.REPLAY_TABLE, num_samples=300)
     # The Python sampler hands back one entry per step of an item.
     return {s[0].info.key: (s[0].info.priority,
                             tuple(float(step.data[0]) for step in s))
@@ -146,12 +147,12 @@ def test_restore_keeps_items_and_priorities():
       for i in range(6):
         writer.append(np.float32(10 * i + 1))
         if i:
-          writer.create_item(config_lib.REPLAY_TABLE, priority=1.0,
+          writer.create_item(table_names.REPLAY_TABLE, priority=1.0,
                              trajectory=writer.history[-2:])
     keys = sorted(items_by_key(client))
     assert len(keys) == 5
     written = {key: float(i + 2) for i, key in enumerate(keys)}
-    client.mutate_priorities(config_lib.REPLAY_TABLE, updates=written)
+    client.mutate_priorities(table_names.REPLAY_TABLE, updates=written)
     before = items_by_key(client)
     assert {p for p, _ in before.values()} == set(written.values())
     assert sorted(steps for _, steps in before.values()) == [
@@ -191,7 +192,7 @@ def test_prioritized_n_step_cluster_trains_and_rewrites_priorities(cluster):
   assert cluster.wait('learner', 240) == 0, cluster.tail('learner')
   assert 'priority updates written, 0 dropped' in cluster.log('learner')
   client = reverb.Client(address)
-  samples = list(client.sample(config_lib.REPLAY_TABLE, num_samples=500))
+  samples = list(client.sample(table_names.REPLAY_TABLE, num_samples=500))
   # The Python sampler hands back one entry per step of an item.
   assert {len(s) for s in samples} == {4}
   by_key = {s[0].info.key: s[0].info.priority for s in samples}
@@ -283,6 +284,6 @@ def test_a_third_agent_is_one_module(tmp_path):
 
 
 def client_priorities(address):
-  samples = reverb.Client(address).sample(config_lib.REPLAY_TABLE,
+  samples = reverb.Client(address).sample(table_names.REPLAY_TABLE,
                                           num_samples=100)
   return [s[0].info.priority for s in samples]

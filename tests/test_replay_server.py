@@ -12,6 +12,7 @@ import reverb
 import tensorflow as tf
 
 from common import config as config_lib
+from common import table_names
 from common import tables
 from common.errors import UserError
 from tests.cluster import Cluster
@@ -112,7 +113,7 @@ def uniform_checkpoint(tmp_path):
   address = _start(cluster, 'first', checkpoints, '--replay_capacity=5000')
   try:
     cluster.wait_for_log('first', 'serving tables', 120)
-    tables.insert_int64(reverb.Client(address), config_lib.TRAIN_STEP_TABLE,
+    tables.insert_int64(reverb.Client(address), table_names.TRAIN_STEP_TABLE,
                         77)
     _stop_and_checkpoint(cluster, 'first')
   finally:
@@ -147,7 +148,7 @@ def test_restart_with_other_replay_flags_is_refused(cluster,
   cluster.wait_for_log('same', 'restored: ', 120)
   client = reverb.Client(address)
   assert tables.published_train_step(client) == 77
-  info = client.server_info(timeout=10)[config_lib.REPLAY_TABLE]
+  info = client.server_info(timeout=10)[table_names.REPLAY_TABLE]
   assert info.max_size == 5000
 
 
@@ -186,7 +187,7 @@ def test_a_restored_table_must_have_the_flags_settings(tmp_path, changed,
   try:
     client = reverb.Client(f'localhost:{server.port}')
     client.insert(np.zeros(2, np.float32),
-                  priorities={config_lib.REPLAY_TABLE: 1.0})
+                  priorities={table_names.REPLAY_TABLE: 1.0})
     written = client.checkpoint()
   finally:
     server.stop()
@@ -203,7 +204,7 @@ def test_a_restored_table_must_have_the_flags_settings(tmp_path, changed,
   server = tables.start_server([table()], free_port(), checkpoints)
   try:
     info = reverb.Client(f'localhost:{server.port}').server_info()
-    assert info[config_lib.REPLAY_TABLE].current_size == 1
+    assert info[table_names.REPLAY_TABLE].current_size == 1
   finally:
     server.stop()
 
@@ -254,7 +255,7 @@ def test_a_full_disk_fails_a_checkpoint_and_the_server_serves_on(
   address = _start(cluster, 'server', checkpoints, '--checkpoint_interval_s=1')
   cluster.wait_for_log('server', 'serving tables', 120)
   client = reverb.Client(address)
-  tables.insert_int64(client, config_lib.TRAIN_STEP_TABLE, 5)
+  tables.insert_int64(client, table_names.TRAIN_STEP_TABLE, 5)
   complete = cluster.wait_for_log(
       'server', r'checkpoint \(periodic\) written to (\S+): .*train_step 5',
       60).group(1)
@@ -263,7 +264,7 @@ def test_a_full_disk_fails_a_checkpoint_and_the_server_serves_on(
   cluster.wait_for_log('server', r'checkpoint \(periodic\) (not written|'
                        r'failed)', 60)
   # Still serving: inserts and samples go on.
-  tables.insert_int64(client, config_lib.TRAIN_STEP_TABLE, 6)
+  tables.insert_int64(client, table_names.TRAIN_STEP_TABLE, 6)
   assert tables.published_train_step(client) == 6
   assert cluster.procs['server'].poll() is None
   cluster.wait_for_log('server', r'checkpoint \(periodic\) (not written|'

@@ -12,7 +12,7 @@ import time
 
 import reverb
 
-from common import config as config_lib
+from common import table_names
 from common import tables
 from tests.cluster import free_port
 
@@ -92,7 +92,7 @@ def test_learner_and_other_actor_survive_the_first_shard(cluster):
     if not _published_step(addresses[0]):
       return False
     info = reverb.Client(addresses[0]).server_info(timeout=10)
-    return info[config_lib.VARIABLE_TABLE].current_size == 1
+    return info[table_names.VARIABLE_TABLE].current_size == 1
 
   _wait_until(weights_on_shard_0, 120,
               'the restarted shard 0 never got the weights and their step',

@@ -12,7 +12,7 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
-from common import config as config_lib
+from common import table_names
 from learner import dataset as dataset_lib
 from tests.cluster import free_port
 from tests.cluster import wait_until
@@ -21,7 +21,7 @@ from tests.cluster import wait_until
 def _marked_server(marker: float, items: int = 64) -> reverb.Server:
   """A real server whose items all carry `marker` (2 steps of 3 floats)."""
   server = reverb.Server([reverb.Table(
-      config_lib.REPLAY_TABLE, reverb.selectors.Uniform(),
+      table_names.REPLAY_TABLE, reverb.selectors.Uniform(),
       reverb.selectors.Fifo(), 1000, reverb.rate_limiters.MinSize(1),
       signature=tf.TensorSpec([None, 3], tf.float32))])
   client = reverb.Client(f'localhost:{server.port}')
@@ -29,7 +29,7 @@ def _marked_server(marker: float, items: int = 64) -> reverb.Server:
     for i in range(items + 1):
       writer.append(np.full([3], marker, np.float32))
       if i:
-        writer.create_item(config_lib.REPLAY_TABLE, 1.0, writer.history[-2:])
+        writer.create_item(table_names.REPLAY_TABLE, 1.0, writer.history[-2:])
   return server
 
 
@@ -37,7 +37,7 @@ def test_one_pipeline_samples_every_shard():
   servers = [_marked_server(0.0), _marked_server(1.0)]
   try:
     dataset = dataset_lib.experience_dataset(
-        [f'localhost:{s.port}' for s in servers], config_lib.REPLAY_TABLE,
+        [f'localhost:{s.port}' for s in servers], table_names.REPLAY_TABLE,
         tf.TensorSpec([3], tf.float32), batch_size=16, sequence_length=2)
     seen = []
     for experience, _ in dataset.take(40):
@@ -56,7 +56,7 @@ def test_one_pipeline_samples_every_shard():
 
 def _table_stats(address: str):
   info = reverb.Client(address).server_info(timeout=10)
-  table = info[config_lib.REPLAY_TABLE]
+  table = info[table_names.REPLAY_TABLE]
   stats = table.rate_limiter_info
   return (table.current_size, stats.insert_stats.completed,
           stats.sample_stats.completed)
@@ -114,7 +114,7 @@ def test_two_shards_two_actors_one_prioritized_learner(cluster):
     # batches (400 steps x 64 items, split over the two shards).
     assert sampled >= 64 * 50, (address, sampled)
     client = reverb.Client(address)
-    samples = list(client.sample(config_lib.REPLAY_TABLE, num_samples=300))
+    samples = list(client.sample(table_names.REPLAY_TABLE, num_samples=300))
     priorities = {s[0].info.key: s[0].info.priority for s in samples}
     # The learner's |TD errors| reached this shard's items.
     assert len(set(priorities.values())) > 20, address
@@ -138,7 +138,7 @@ def _max_priority_publishes(address: str) -> int:
   """How often the learner's priority thread has published the max priority
   (it does after the rounds it wrote to this shard, at most ~1/s)."""
   info = reverb.Client(address).server_info(timeout=10)
-  table = info[config_lib.MAX_PRIORITY_TABLE]
+  table = info[table_names.MAX_PRIORITY_TABLE]
   return table.rate_limiter_info.insert_stats.completed
 
 

@@ -13,7 +13,7 @@ from tf_agents.trajectories import trajectory
 
 from actor.writer import StoppableTrajectoryObserver
 from common import agents
-from common import config as config_lib
+from common import table_names
 from common import environments
 from tests.cluster import free_port
 from tests.test_common import TINY_SAC
@@ -38,7 +38,7 @@ def test_no_item_spans_two_episodes_when_end_episode_times_out():
   # One sample per insert, tiny slack: every insert waits for the sampler,
   # so the writer's end_episode runs out of time again and again.
   table = reverb.Table(
-      name=config_lib.REPLAY_TABLE, sampler=reverb.selectors.Fifo(),
+      name=table_names.REPLAY_TABLE, sampler=reverb.selectors.Fifo(),
       remover=reverb.selectors.Fifo(), max_size=1000, max_times_sampled=1,
       rate_limiter=reverb.rate_limiters.SampleToInsertRatio(
           samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1.5),
@@ -50,7 +50,7 @@ def test_no_item_spans_two_episodes_when_end_episode_times_out():
   def sample_slowly():
     client = reverb.Client(address)
     while not done.is_set():
-      for item in client.sample(config_lib.REPLAY_TABLE, num_samples=1,
+      for item in client.sample(table_names.REPLAY_TABLE, num_samples=1,
                                 emit_timesteps=False,
                                 unpack_as_table_signature=True):
         sampled.append(np.asarray(item.data.observation)[:, :2])

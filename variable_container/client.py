@@ -17,7 +17,7 @@ import tensorflow as tf
 from tf_agents.experimental.distributed import reverb_variable_container
 
 from common import agents
-from common import config as config_lib
+from common import table_names
 from common import reverb_connection
 from common import tables
 from common.errors import UserError
@@ -72,7 +72,7 @@ class VariableContainerClient:
   def __init__(self, address: str, variables, timeout_s: float = 300.0,
                who: str = 'client',
                should_stop: Optional[Callable[[], bool]] = None,
-               table: str = config_lib.VARIABLE_TABLE):
+               table: str = table_names.VARIABLE_TABLE):
     self._address = address
     self._table = table
     self._timeout_s = timeout_s
@@ -86,8 +86,8 @@ class VariableContainerClient:
     self._container = reverb_variable_container.ReverbVariableContainer(
         address, table_names=[table])
     self._client = reverb.Client(address)
-    self._has_step_table = (table == config_lib.VARIABLE_TABLE and
-                            config_lib.TRAIN_STEP_TABLE in info)
+    self._has_step_table = (table == table_names.VARIABLE_TABLE and
+                            table_names.TRAIN_STEP_TABLE in info)
 
   def _ensure_reachable(self) -> None:
     """Waits (logging) while the server is away.
@@ -132,7 +132,7 @@ class VariableContainerClient:
     self._retry('push', lambda: self._container.push(variables, self._table))
     if self._has_step_table:
       self._retry('push train_step', lambda: tables.insert_int64(
-          self._client, config_lib.TRAIN_STEP_TABLE, step))
+          self._client, table_names.TRAIN_STEP_TABLE, step))
 
   def flush(self, timeout_s: float = 0.0) -> None:
     """Pushes are done when `push` returns; nothing to wait for."""
@@ -200,7 +200,7 @@ class ShardedVariablePusher:
   def __init__(self, addresses: Sequence[str], variables,
                timeout_s: float = 300.0, who: str = 'learner',
                should_stop: Optional[Callable[[], bool]] = None,
-               table: str = config_lib.VARIABLE_TABLE):
+               table: str = table_names.VARIABLE_TABLE):
     # Waits for each shard and checks its table's signature, as one client
     # does; at start every shard must be up.
     self._clients = [VariableContainerClient(a, variables, timeout_s, who,
@@ -313,7 +313,7 @@ class _ShardPusher(threading.Thread):
       try:
         self._container.push(snapshot, self._table)
         if self._has_step_table:
-          tables.insert_int64(self._reverb, config_lib.TRAIN_STEP_TABLE, step)
+          tables.insert_int64(self._reverb, table_names.TRAIN_STEP_TABLE, step)
         self.pushed_step, pending = step, None
         if self._latest.empty():
           self._idle.set()
