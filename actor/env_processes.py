@@ -35,6 +35,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from common import environments
+from common import errors
 from common import process
 from common.errors import UserError
 
@@ -179,30 +180,23 @@ class InProcessEnvironments:
       env.close()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-  """SIGKILL when the parent dies, however it dies (Linux); else EOF only."""
-  try:
-    import ctypes  # pylint: disable=g-import-not-at-top
-    pr_set_pdeathsig = 1
-    ctypes.CDLL('libc.so.6', use_errno=True).prctl(pr_set_pdeathsig,
-                                                   signal.SIGKILL)
-  except (OSError, AttributeError):
-    pass
-  if os.getppid() != parent_pid:  # Died before the signal was armed.
-    os._exit(0)  # pylint: disable=protected-access
-
-
-def _one_line(error: BaseException) -> str:
-  text = ' '.join(str(error).split())[:300]
-  if isinstance(error, UserError):
+def _failure(error: BaseException) -> str:
+  """What the actor prints for a subprocess's failure: the error's type
+  (a UserError's message speaks for itself) and its one line."""
+  text = errors.one_line(error, limit=300)
+  if isinstance(error, UserError) or text == type(error).__name__:
     return text
-  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return f'{type(error).__name__}: {text}'
 
 
 def _serve(conn, parent_pid: int, env_name: str, seeds: Sequence[int],
            options: environments.EnvOptions) -> None:
   """A subprocess's loop: steps its environments for the actor."""
-  _die_with_parent(parent_pid)
+  # Dies with the actor however it dies (Linux; elsewhere on the pipe's EOF);
+  # SIGKILL, as this process ignores SIGTERM.
+  process.die_with_parent(signal.SIGKILL)
+  if os.getppid() != parent_pid:  # The actor died before that was armed.
+    os._exit(0)  # pylint: disable=protected-access
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   try:
@@ -231,7 +225,7 @@ def _serve(conn, parent_pid: int, env_name: str, seeds: Sequence[int],
     return
   except BaseException as e:  # pylint: disable=broad-except
     try:
-      conn.send(('error', _one_line(e)))
+      conn.send(('error', _failure(e)))
     except (OSError, BrokenPipeError):
       pass
     os._exit(1)  # pylint: disable=protected-access

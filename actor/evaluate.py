@@ -7,6 +7,9 @@ AverageEpisodeLength to TensorBoard under `<root_dir>/eval` and as a line of
 `<root_dir>/eval/metrics.jsonl`, and redraws `<root_dir>/eval/returns.png`.
 At the end of training (and every `video_interval` steps, if set) it renders
 `video_episodes` greedy episodes into `<root_dir>/eval/step_<N>.mp4`.
+After every evaluation it publishes its status (`variable_container.status`)
+to the servers it reads the weights from, for the launcher's progress line.
+What happens after an evaluation is a trigger (`actor.triggers`).
 """
 
 import dataclasses
@@ -21,16 +24,17 @@ import reverb
 from tf_agents.policies import greedy_policy
 from tf_agents.policies import py_tf_eager_policy
 from tf_agents.train import actor as tfa_actor
-from tf_agents.train.utils import train_utils
 
 from actor import env_processes
-from actor import eval_outputs
+from actor import triggers
 from common import agents
+from common import build as build_lib
 from common import config as config_lib
-from common import table_names
 from common import contract
 from common import environments
 from common import outputs
+from common import seeds
+from variable_container import status
 from variable_container import VariableContainerClient
 
 EVAL_DIR = 'eval'
@@ -158,19 +162,6 @@ class _FirstAnswering:
     return self._container().pull_into(variables)
 
 
-def _transitions_inserted(replay_shards: Sequence[str]):
-  """Transitions inserted into the replay tables so far (one per agent step)."""
-  if not replay_shards:
-    return None
-  try:
-    return sum(
-        int(reverb.Client(address).server_info(timeout=5)[
-            table_names.REPLAY_TABLE].rate_limiter_info.insert_stats.completed)
-        for address in replay_shards)
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
 class _Stopped(Exception):
   """Raised from inside an evaluation when the evaluator is asked to stop."""
 
@@ -187,103 +178,133 @@ def _stop_check(should_stop):
   return observe
 
 
+def _weights_addresses(s: EvalSettings) -> Tuple[str, ...]:
+  """Where the weights are read (and the status published)."""
+  if s.variables_on_shards and s.replay_shards:
+    return tuple(s.replay_shards)
+  return (s.variable_address,)
+
+
+def _row(step: int, results: dict, episodes: _EpisodeReturns,
+         agent_steps: Optional[int], action_repeat: int,
+         started: float) -> dict:
+  """One evaluation's line of metrics.jsonl."""
+  return {'train_step': step,
+          'AverageReturn': results['AverageReturn'],
+          'AverageEpisodeLength': results['AverageEpisodeLength'],
+          'ReturnStd': float(np.std(episodes.returns)),
+          'ReturnMin': float(np.min(episodes.returns)),
+          'ReturnMax': float(np.max(episodes.returns)),
+          'num_episodes': len(episodes.returns),
+          # Environment steps of this evaluation (AverageEpisodeLength times
+          # num_episodes).
+          'eval_env_steps': int(sum(episodes.lengths)),
+          # Transitions collected; each is action_repeat environment steps.
+          'agent_steps': agent_steps,
+          'env_steps': (None if agent_steps is None else
+                        agent_steps * action_repeat),
+          'eval_seconds': round(time.monotonic() - started, 2),
+          'time': time.time()}
+
+
+class _Evaluation:
+  """The greedy policy on one environment, `num_eval_episodes` at a time,
+  with the weights of the variable container (or the first shard that
+  answers)."""
+
+  def __init__(self, s: EvalSettings, eval_dir: str, should_stop):
+    self._s = s
+    environments.set_render_size(*s.video_size)
+    built = build_lib.build(s.env_name, s.agent, s.env_options,
+                            seed=seeds.derive(s.seed, 'evaluator', 'env'),
+                            keep_env=True)
+    self.env = built.env
+    if s.env_step_timeout_s:
+      self.env = env_processes.watched(self.env, env_processes.StepWatchdog(
+          s.env_name, s.env_step_timeout_s))
+    self.variables = built.variables
+    self.weights = _FirstAnswering(_weights_addresses(s), self.variables, s,
+                                   should_stop)
+    self.policy = py_tf_eager_policy.PyTFEagerPolicy(
+        greedy_policy.GreedyPolicy(agents.greedy_policy(built.agent,
+                                                        s.agent)),
+        use_tf_function=True)
+    self._episodes = _EpisodeReturns()
+    self.actor = tfa_actor.Actor(
+        self.env, self.policy, built.train_step,
+        episodes_per_run=s.num_eval_episodes,
+        metrics=tfa_actor.eval_metrics(s.num_eval_episodes),
+        summary_dir=eval_dir,
+        summary_interval=0,  # Written explicitly after every evaluation.
+        observers=[_stop_check(should_stop), self._episodes])
+
+  def run(self, step: int) -> Optional[dict]:
+    """`num_eval_episodes` with the weights of `step`: their row, or None
+    when a stop came during them."""
+    agent_steps = status.inserted_items(self._s.replay_shards)
+    self._episodes.clear()
+    started = time.monotonic()
+    try:
+      self.actor.run()
+    except _Stopped:
+      logging.info('evaluator: stopped during the evaluation at train_step '
+                   '%d; nothing recorded for it', step)
+      return None
+    results = {m.name: float(m.result()) for m in self.actor.metrics}
+    return _row(step, results, self._episodes, agent_steps,
+                self._s.env_options.action_repeat, started)
+
+
+def _after_each(s: EvalSettings, evaluation: _Evaluation,
+                eval_dir: str) -> list:
+  """The triggers called with (train_step, row) after every evaluation."""
+  return [
+      triggers.MetricsRecord(
+          evaluation.actor, s.num_eval_episodes,
+          os.path.join(eval_dir, METRICS_FILE),
+          os.path.join(eval_dir, PLOT_FILE), lambda: read_metrics(eval_dir),
+          f'{s.env_name}: greedy policy'),
+      triggers.StatusPublish(_weights_addresses(s)),
+      triggers.Video(evaluation.env, evaluation.policy, eval_dir,
+                     s.video_episodes, s.video_interval, s.max_train_steps,
+                     s.env_name, after=evaluation.actor.reset),
+  ]
+
+
 def evaluate(s: EvalSettings,
              should_stop: Callable[[], bool] = lambda: False) -> List[dict]:
   """Evaluates until the final train_step is evaluated; returns the rows."""
   eval_dir = outputs.ensure_writable_dir(os.path.join(s.root_dir, EVAL_DIR))
-  environments.set_render_size(*s.video_size)
-  env = environments.load_environment(s.env_name,
-                                     seed=12345 + s.seed * 100000,
-                                     options=s.env_options)
-  if s.env_step_timeout_s:
-    env = env_processes.watched(env, env_processes.StepWatchdog(
-        s.env_name, s.env_step_timeout_s))
-  train_step = train_utils.create_train_step()
-  agent = agents.create_agent(env, s.agent, train_step, s.env_name)
-  variables = agents.shared_variables(agent, train_step)
-  container = _FirstAnswering(
-      s.replay_shards if s.variables_on_shards and s.replay_shards else
-      (s.variable_address,), variables, s, should_stop)
-  policy = py_tf_eager_policy.PyTFEagerPolicy(
-      greedy_policy.GreedyPolicy(agents.greedy_policy(agent, s.agent)),
-      use_tf_function=True)
-  episode_returns = _EpisodeReturns()
-  eval_actor = tfa_actor.Actor(
-      env, policy, train_step,
-      episodes_per_run=s.num_eval_episodes,
-      metrics=tfa_actor.eval_metrics(s.num_eval_episodes),
-      summary_dir=eval_dir,
-      summary_interval=0,  # Written explicitly after every evaluation.
-      observers=[_stop_check(should_stop), episode_returns])
+  evaluation = _Evaluation(s, eval_dir, should_stop)
+  try:
+    return _evaluate_at_intervals(s, evaluation,
+                                  _after_each(s, evaluation, eval_dir),
+                                  should_stop)
+  finally:
+    evaluation.env.close()
+
+
+def _evaluate_at_intervals(s: EvalSettings, evaluation: _Evaluation,
+                           after_each, should_stop) -> List[dict]:
+  """The loop: wait for the next train step due, evaluate its weights, then
+  the triggers; ends after the final train_step."""
   rows = []
-  next_eval = 0
-  next_video = s.video_interval
-  last_seen = None
+  schedule = triggers.EvalSchedule(s.eval_interval, s.max_train_steps)
+  rollback = triggers.RollbackCheck('evaluator')
   while not should_stop():
-    step = container.latest_train_step()
-    if step is not None and last_seen is not None and step < last_seen:
-      logging.warning('evaluator: the weights went back from train_step %d '
-                      'to %d (a learner restored an older checkpoint); next '
-                      'evaluation at train_step %d', last_seen, step,
-                      next_eval)
-    last_seen = step if step is not None else last_seen
-    if step is None or (step < next_eval and step < s.max_train_steps):
+    step = evaluation.weights.latest_train_step()
+    rollback(step, f'next evaluation at train_step {schedule.next_step}')
+    if not schedule.due(step):
       time.sleep(s.poll_interval_s)
       continue
-    step = container.pull_into(variables)
-    agent_steps = _transitions_inserted(s.replay_shards)
-    episode_returns.clear()
-    started = time.monotonic()
-    try:
-      eval_actor.run()
-    except _Stopped:
-      logging.info('evaluator: stopped during the evaluation at train_step '
-                   '%d; nothing recorded for it', step)
+    step = evaluation.weights.pull_into(evaluation.variables)
+    row = evaluation.run(step)
+    if row is None:
       break
-    results = {m.name: float(m.result()) for m in eval_actor.metrics}
-    row = {'train_step': step,
-           'AverageReturn': results['AverageReturn'],
-           'AverageEpisodeLength': results['AverageEpisodeLength'],
-           'ReturnStd': float(np.std(episode_returns.returns)),
-           'ReturnMin': float(np.min(episode_returns.returns)),
-           'ReturnMax': float(np.max(episode_returns.returns)),
-           'num_episodes': len(episode_returns.returns),
-           # Environment steps of this evaluation (AverageEpisodeLength times
-           # num_episodes).
-           'eval_env_steps': int(sum(episode_returns.lengths)),
-           # Transitions collected; each is action_repeat environment steps.
-           'agent_steps': agent_steps,
-           'env_steps': (None if agent_steps is None else
-                         agent_steps * s.env_options.action_repeat),
-           'eval_seconds': round(time.monotonic() - started, 2),
-           'time': time.time()}
     rows.append(row)
-    eval_actor.write_metric_summaries()
-    eval_actor.summary_writer.flush()
-    with open(os.path.join(eval_dir, METRICS_FILE), 'a') as f:
-      f.write(json.dumps(row) + '\n')
-    logging.info('evaluator: train_step %d  AverageReturn %.2f  '
-                 'AverageEpisodeLength %.1f (%d episodes, %.1fs)', step,
-                 row['AverageReturn'], row['AverageEpisodeLength'],
-                 s.num_eval_episodes, row['eval_seconds'])
-    eval_outputs.plot_returns(read_metrics(eval_dir),
-                              os.path.join(eval_dir, PLOT_FILE),
-                              f'{s.env_name}: greedy policy')
-    final = step >= s.max_train_steps
-    if s.video_episodes and (final or (
-        s.video_interval and step >= next_video)):
-      path = os.path.join(eval_dir, f'step_{step:08d}.mp4')
-      try:
-        frames = eval_outputs.write_video(env, policy, path, s.video_episodes)
-        logging.info('evaluator: wrote %s (%d frames)', path, frames)
-      except NotImplementedError:
-        logging.warning('evaluator: --env=%s cannot render; no video',
-                        s.env_name)
-      eval_actor.reset()  # The video moved the environment on.
-      if s.video_interval:
-        next_video = (step // s.video_interval + 1) * s.video_interval
-    if final:
+    for trigger in after_each:
+      trigger(step, row)
+    if step >= s.max_train_steps:
       break
-    next_eval = (step // s.eval_interval + 1) * s.eval_interval
-  env.close()
+    schedule.evaluated(step)
   return rows

@@ -2,10 +2,12 @@
 
 Pure collection: a replay server that never blocks a writer (MinSize limiter,
 min size 1), no learner, the policy weights pushed once. Every actor is a
-process pinned to its own core with `taskset -c`; the rate is each actor's
-logged "N env steps/s" (median of its lines in a steady window, the first,
-partial one dropped), summed over the actors running together; of the
-alternating rounds, the least disturbed (fastest) one counts.
+process pinned to its own core with `taskset -c`; the rate is the replay
+table's inserts (one 2-step item per env step, `variable_container.status.
+inserted_items`) over a steady window that opens once every actor acts,
+all actors running together; env steps per episode are the table's own
+episode count over the same window. Of the alternating rounds, the least
+disturbed (fastest) one counts.
 
 The actor's efficiency is CPU time per env step, raw loop / actor process
 (`actor_efficiency_pinned`): on a shared machine, other processes take wall
@@ -34,7 +36,6 @@ from common import process  # Must precede TensorFlow imports.
 import contextlib
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -45,9 +46,6 @@ from absl import logging
 import numpy as np
 
 from bench import fixtures
-
-_RATE = re.compile(r'([\d.]+) env steps/s')
-_PROGRESS = re.compile(r'env_steps (\d+) .* episodes (\d+)')
 
 
 @contextlib.contextmanager
@@ -118,16 +116,48 @@ def raw_rate(costs, steps_per_episode=None):
   return steps_per_episode / (steps_per_episode * step_s + reset_s)
 
 
+def _summaries_opened(cluster, name, task):
+  """True once actor `name` opened its TensorBoard summary writer
+  (`<root_dir>/actor_<task>/`): it does when it starts acting with the
+  pushed weights. Raises if the actor exited."""
+  if cluster.procs[name].poll() is not None:
+    raise RuntimeError(f'{name} exited ({cluster.procs[name].returncode}):\n'
+                       f'{cluster.tail(name)}')
+  directory = os.path.join(cluster.log_dir, name, f'actor_{task}')
+  return os.path.isdir(directory) and any(
+      f.startswith('events.out.tfevents.') for f in os.listdir(directory))
+
+
+def _table_counts(address):
+  """(items ever inserted, episodes ever written) of the replay table.
+
+  One item per env step (2-step items, stride 1); Reverb counts an episode
+  (a writer's `end_episode`) once one of its items is in the table, and
+  keeps counting it after its items are removed.
+  """
+  import reverb  # pylint: disable=g-import-not-at-top
+  from common import table_names  # pylint: disable=g-import-not-at-top
+  from variable_container import status  # pylint: disable=g-import-not-at-top
+  info = reverb.Client(address).server_info(timeout=10)[
+      table_names.REPLAY_TABLE]
+  return (status.inserted_items([address]),
+          info.num_episodes + info.num_deleted_episodes)
+
+
 def collect_rate(cluster, env_name, address, actors, server_pid, rss=None,
-                 seconds=24.0, log_interval_s=3.0):
+                 seconds=24.0, log_interval_s=3.0, warmup_s=3.0):
   """Actors running together; their summed env steps/s and CPU use.
 
-  `actors` is a list of (cpus, extra flags), one per actor process.
+  `actors` is a list of (cpus, extra flags), one per actor process. The rate
+  is the replay table's inserts over a `seconds` window that opens
+  `warmup_s` after every actor started acting; the actors share the table,
+  so per-actor shares of it are not told apart (their CPU use is).
   """
   names = []
   for task, (cpus, extra) in enumerate(actors):
     name = f'actor_{task}_of_{len(actors)}_{"_".join(extra) or "1_env"}'
-    name = re.sub(r'[^\w]+', '_', name.replace('--', ''))
+    name = '_'.join(filter(None, ''.join(
+        c if c.isalnum() else ' ' for c in name.replace('--', '')).split()))
     cluster.start(name, 'actor', [
         f'--env={env_name}', f'--replay_address={address}', f'--task={task}',
         f'--num_actors={len(actors)}', '--initial_collect_steps=0',
@@ -136,9 +166,14 @@ def collect_rate(cluster, env_name, address, actors, server_pid, rss=None,
                   list(extra), cpus=cpus)
     names.append(name)
   try:
-    for name in names:
-      cluster.wait_for_log(name, 'acting with weights', 180)
-    lines_before = {n: len(_RATE.findall(cluster.log(n))) for n in names}
+    deadline = time.monotonic() + 180
+    while not all(_summaries_opened(cluster, n, task)
+                  for task, n in enumerate(names)):
+      if time.monotonic() > deadline:
+        raise RuntimeError(f'actors {names} not acting within 180s')
+      time.sleep(0.5)
+    time.sleep(warmup_s)  # Past the first batch of policy calls and resets.
+    start_counts, start = _table_counts(address), time.perf_counter()
     meter = fixtures.CpuMeter(dict(
         {n: cluster.procs[n].pid for n in names}, server=server_pid))
     deadline = time.monotonic() + seconds
@@ -148,30 +183,26 @@ def collect_rate(cluster, env_name, address, actors, server_pid, rss=None,
       time.sleep(1)
     spent = meter.read()
     waited = meter.waited()
-    rates, steps_per_episode = {}, {}
-    for n in names:
-      # Lines logged inside the window; the first one also covers time
-      # before it.
-      lines = [float(r) for r in _RATE.findall(cluster.log(n))]
-      steady = lines[lines_before[n] + 1:] or lines[-1:]
-      rates[n] = statistics.median(steady)
-      progress = _PROGRESS.findall(cluster.log(n))[lines_before[n]:]
-      steps = int(progress[-1][0]) - int(progress[0][0])
-      episodes = int(progress[-1][1]) - int(progress[0][1])
-      steps_per_episode[n] = round(steps / max(episodes, 1), 1)
+    end_counts, end = _table_counts(address), time.perf_counter()
+    for task, n in enumerate(names):
+      _summaries_opened(cluster, n, task)  # Raises if one died meanwhile.
   finally:
     for n in names:
       if cluster.procs[n].poll() is None:
         cluster.signal(n)
     for n in names:
       cluster.wait(n, 60)
+  steps = end_counts[0] - start_counts[0]
+  episodes = end_counts[1] - start_counts[1]
+  rate = steps / (end - start)
+  actors_cpu = sum(spent[n] for n in names)
   return {
-      'env_steps_per_s': round(sum(rates.values()), 1),
-      'per_actor': [round(r, 1) for r in rates.values()],
-      'env_steps_per_episode': list(steps_per_episode.values()),
+      'env_steps_per_s': round(rate, 1),
+      'env_steps_per_episode': round(steps / max(episodes, 1), 1),
       'actor_cores_busy': [round(spent[n] / spent['wall'], 2) for n in names],
-      'cpu_ms_per_env_step': [
-          round(1000 * spent[n] / spent['wall'] / rates[n], 3) for n in names],
+      # The actors' CPU (with their env subprocesses) per env step collected.
+      'cpu_ms_per_env_step': round(
+          1000 * actors_cpu / spent['wall'] / rate, 3),
       'server_cores_busy': round(spent['server'] / spent['wall'], 3),
       # Seconds per second that the actors' threads waited for a CPU: time
       # other processes took from them (a disturbed measurement).
@@ -249,8 +280,7 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
   cpu_costs = (min(c[0] for c in raw_cpu), min(c[1] for c in raw_cpu))
 
   def steps_per_episode(case):
-    return statistics.median(e for f in figures[case]
-                             for e in f['env_steps_per_episode'])
+    return statistics.median(f['env_steps_per_episode'] for f in figures[case])
 
   one = best_rate('1_actor')
   # The raw loop for the actor's own episodes: the untrained policy
@@ -283,7 +313,7 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
   # The same ratio in CPU time per env step (raw loop / actor process):
   # what other processes on a shared machine took does not enter it, so
   # this is the headline figure.
-  actor_cpu_ms = min(f['cpu_ms_per_env_step'][0] for f in figures['1_actor'])
+  actor_cpu_ms = min(f['cpu_ms_per_env_step'] for f in figures['1_actor'])
   results['actor_cpu_ms_per_env_step'] = actor_cpu_ms
   results['actor_efficiency_pinned'] = round(
       1000 / raw_rate(cpu_costs, steps_per_episode('1_actor')) / actor_cpu_ms,
@@ -291,7 +321,7 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
   if with_4_envs:
     results['actor_efficiency_4_envs_pinned'] = round(
         1000 / raw_rate(cpu_costs, steps_per_episode('1_actor_4_envs')) /
-        min(f['cpu_ms_per_env_step'][0] for f in figures['1_actor_4_envs']),
+        min(f['cpu_ms_per_env_step'] for f in figures['1_actor_4_envs']),
         3)
   return results
 

@@ -1,4 +1,6 @@
-"""What the scale-out benchmarks start from: pinned processes, replay servers, items.
+"""What the benchmarks share: the localhost cluster they start, pinned
+processes, the one replay-server helper, synthetic items, the agent they
+measure, CPU meters, the tutorial's replay.
 
 A process is pinned by starting it under `taskset -c CPUS`: every thread it
 creates later (TensorFlow's pools, gRPC's, an actor's environment
@@ -6,6 +8,9 @@ subprocesses) inherits the set, and TensorFlow sizes its pools to it. CPU time
 is read from /proc/PID/stat (utime + stime of all the process's threads), so
 "CPU seconds per batch" counts a process's own work exactly, whatever else
 runs on the machine.
+
+Every benchmark module imports this one and no other benchmark's flags:
+shared pieces live here, so the modules import no cycle.
 """
 
 import json
@@ -18,7 +23,7 @@ from typing import Dict, Iterable, List, Optional
 from absl import flags
 import numpy as np
 
-from tests.cluster import REPO_ROOT, Cluster, free_port
+from launcher.local_cluster import REPO_ROOT, Cluster, free_port
 
 BENCH_ENV = flags.DEFINE_string('bench_env', 'MinitaurBulletEnv-v0',
                                 'Environment to measure.')
@@ -50,7 +55,7 @@ def run_pinned_json(module: str, args: List[str], cpus: Iterable[int],
 
 
 class PinnedCluster(Cluster):
-  """`tests.cluster.Cluster` whose processes may be pinned to CPUs."""
+  """`launcher.local_cluster.Cluster` whose processes may be pinned to CPUs."""
 
   def __init__(self, log_dir: str):
     os.makedirs(log_dir, exist_ok=True)
@@ -60,17 +65,9 @@ class PinnedCluster(Cluster):
             cpus: Optional[Iterable[int]] = None) -> subprocess.Popen:
     if cpus is None:
       return super().start(name, module, args)
-    path = os.path.join(self.log_dir, f'{name}.log')
-    log = open(path, 'ab')
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
     # taskset execs the program: the pid is the program's own.
-    proc = subprocess.Popen(
-        ['taskset', '-c', cpu_list(cpus), sys.executable, '-m', module] +
-        list(args), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env=env, start_new_session=True)
-    self.procs[name] = proc
-    self._logs[name] = (path, log)
-    return proc
+    return self.spawn(name, ['taskset', '-c', cpu_list(cpus), sys.executable,
+                             '-m', module] + list(args))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -214,16 +211,30 @@ class CpuQuota:
       pass  # The process exited meanwhile, or the group is gone.
 
 
-def replay_server(cluster: Cluster, name: str, env_name: str,
+def replay_server(cluster: PinnedCluster, name: str, env_name: str,
                   cpus: Optional[Iterable[int]] = None, extra=()) -> str:
-  """A replay server process that never blocks a sampler; its address."""
+  """A replay server process that never blocks a sampler; its address.
+
+  `extra`: more replay_server flags (e.g. --replay=prioritized). Returns
+  once the server answers (its table info), not on a log line.
+  """
   port = free_port()
+  address = f'localhost:{port}'
   cluster.start(name, 'replay_server', [
       f'--env={env_name}', f'--port={port}', '--rate_limiter=min_size',
       '--min_size_to_sample=1', '--replay_capacity=100000',
       '--validate_env_episodes=0'] + list(extra), cpus=cpus)
-  cluster.wait_for_log(name, 'serving tables', 180)
-  return f'localhost:{port}'
+  cluster.wait_for_server(name, address, 180)
+  return address
+
+
+def build_sac(env_name: str, keep_env: bool = False):
+  """The agent every speed benchmark measures: the tutorial's SAC (batch 256,
+  (256, 256) networks) for `env_name`, through `common.build.build`."""
+  # Imported here: a module that pins a process imports no TensorFlow first.
+  from common import build  # pylint: disable=g-import-not-at-top
+  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  return build.build(env_name, config_lib.SacConfig(), keep_env=keep_env)
 
 
 def fill(address: str, agent, items: int, table: Optional[str] = None) -> float:
@@ -231,7 +242,6 @@ def fill(address: str, agent, items: int, table: Optional[str] = None) -> float:
 
   Returns the items written per second.
   """
-  # Imported here: a module that pins a process imports no TensorFlow first.
   import reverb  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_agents.replay_buffers import reverb_utils  # pylint: disable=g-import-not-at-top
@@ -264,13 +274,36 @@ def push_weights(env_name: str, address: str):
 
   Returns that agent: its collect policy is the one the actors act with.
   """
-  from common import agents  # pylint: disable=g-import-not-at-top
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
-  from common import environments  # pylint: disable=g-import-not-at-top
   from variable_container import VariableContainerClient  # pylint: disable=g-import-not-at-top
-  env = environments.load_environment(env_name)
-  agent = agents.create_agent(env, config_lib.SacConfig(), None, env_name)
-  variables = agents.shared_variables(agent, agent.train_step_counter)
-  agent.train_step_counter.assign(1)
-  VariableContainerClient(address, variables, 60).push(variables)
-  return agent
+  built = build_sac(env_name)
+  built.train_step.assign(1)
+  VariableContainerClient(address, built.variables, 60).push(built.variables)
+  return built.agent
+
+
+def tutorial_replay(agent, capacity: int, batch_size: int):
+  """The TF-Agents SAC tutorial's replay: a local Reverb server (uniform,
+  FIFO, MinSize(1)), its dataset and trajectory observer. Shared by the
+  tutorial loop of `bench.run` and `bench.tutorial_loop`."""
+  # pylint: disable=g-import-not-at-top
+  import reverb
+  from tf_agents.replay_buffers import reverb_replay_buffer
+  from tf_agents.replay_buffers import reverb_utils
+  from common import table_names
+  # pylint: enable=g-import-not-at-top
+  table = reverb.Table(
+      table_names.REPLAY_TABLE,
+      max_size=capacity,
+      sampler=reverb.selectors.Uniform(),
+      remover=reverb.selectors.Fifo(),
+      rate_limiter=reverb.rate_limiters.MinSize(1))
+  server = reverb.Server([table])
+  replay = reverb_replay_buffer.ReverbReplayBuffer(
+      agent.collect_data_spec, sequence_length=2,
+      table_name=table_names.REPLAY_TABLE, local_server=server)
+  dataset = replay.as_dataset(sample_batch_size=batch_size,
+                              num_steps=2).prefetch(50)
+  observer = reverb_utils.ReverbAddTrajectoryObserver(
+      replay.py_client, table_names.REPLAY_TABLE, sequence_length=2,
+      stride_length=1)
+  return server, dataset, observer

@@ -34,14 +34,6 @@ flags.DEFINE_integer('server_pid', 0, 'The replay server\'s pid (its CPU '
                      'seconds are read while the learner trains on it).')
 
 
-def _agent(env_name):
-  from common import agents  # pylint: disable=g-import-not-at-top
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
-  from common import environments  # pylint: disable=g-import-not-at-top
-  env = environments.load_environment(env_name)
-  return agents.create_agent(env, config_lib.SacConfig(), None, env_name)
-
-
 def train_rate(learner, train_steps, iterations=10):
   learner.run(iterations=iterations)  # Trace and warm up.
   learner.run(iterations=iterations)
@@ -99,7 +91,7 @@ def learner_rates(env_name, address, workdir, train_steps=600, meter=None,
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_agents.train import learner as tfa_learner  # pylint: disable=g-import-not-at-top
-  agent = _agent(env_name)
+  agent = fixtures.build_sac(env_name).agent
   live_dataset = live_dataset_fn(address, agent, knobs)
   live = tfa_learner.Learner(os.path.join(workdir, 'live'),
                              agent.train_step_counter, agent, live_dataset,
@@ -108,7 +100,7 @@ def learner_rates(env_name, address, workdir, train_steps=600, meter=None,
   live_rate, live_cpu = _metered(live, train_steps, meter)
 
   batch = next(iter(live_dataset()))
-  agent2 = _agent(env_name)
+  agent2 = fixtures.build_sac(env_name).agent
   memory = tfa_learner.Learner(
       os.path.join(workdir, 'memory'), agent2.train_step_counter, agent2,
       lambda: tf.data.Dataset.from_tensors(batch).repeat(),

@@ -15,7 +15,7 @@ A run whose curve.jsonl already reaches --train_steps is kept, not rerun
 
   make learn                                   # minitaur preset, 1 seed, 100k
   make learn ARGS="--presets=minitaur,tutorial --baseline --seeds=2"
-  python -m bench.learning --plot_only --out=bench/learning/minitaur
+  python -m bench.learning --plot_only --out=bench/results/learning/minitaur
 """
 
 import json
@@ -226,7 +226,6 @@ def plot(series, path, title):
 
     returns = np.array([at_steps(rows, 'return_mean') for rows in runs])
     walls = np.array([at_steps(rows, 'wall_s') for rows in runs]) / 60
-    n = len(steps)
     mean = returns.mean(0)
     if len(runs) > 1:
       low, high = returns.min(0), returns.max(0)

@@ -20,38 +20,25 @@ from common import process  # Must precede TensorFlow imports.
 from absl import logging
 import tensorflow as tf
 
-from bench import run as run_lib
-from common import agents
+from bench import fixtures
 from common import config as config_lib
-from common import environments
 from learner import train as train_lib
-from tests.cluster import Cluster, free_port
 
 SAC = config_lib.SacConfig()  # Tutorial sizes: batch 256, (256, 256).
-
-
-def _server(cluster, env_name, kind):
-  port = free_port()
-  cluster.start(f'replay_server_{kind}', 'replay_server', [
-      f'--env={env_name}', f'--port={port}', '--rate_limiter=min_size',
-      '--min_size_to_sample=1', '--replay_capacity=100000',
-      f'--replay={kind}', '--validate_env_episodes=0'])
-  cluster.wait_for_log(f'replay_server_{kind}', 'serving tables', 180)
-  return f'localhost:{port}'
 
 
 def measure(env_name: str, workdir: str, train_steps: int = 1000,
             rounds: int = 2, items: int = 20000, log=print) -> dict:
   """{'uniform': steps/s, 'prioritized': steps/s, 'ratio': p / u}."""
-  cluster = Cluster(workdir)
+  cluster = fixtures.PinnedCluster(workdir)
   rates = {'uniform': [], 'prioritized': []}
   try:
-    env = environments.load_environment(env_name)
-    agent = agents.create_agent(env, SAC, None, env_name)
+    agent = fixtures.build_sac(env_name).agent
     addresses = {}
     for kind in rates:
-      addresses[kind] = _server(cluster, env_name, kind)
-      run_lib._fill(addresses[kind], agent, items)  # pylint: disable=protected-access
+      addresses[kind] = fixtures.replay_server(
+          cluster, f'replay_server_{kind}', env_name, extra=[f'--replay={kind}'])
+      fixtures.fill(addresses[kind], agent, items)
     for i in range(rounds):
       for kind in rates:
         settings = train_lib.LearnerSettings(
@@ -78,7 +65,7 @@ def main(_):
   start = time.perf_counter()
   log = lambda text: print(f'[bench {time.perf_counter() - start:4.0f}s] '
                            f'{text}', file=sys.stderr, flush=True)
-  for key, value in measure(run_lib.BENCH_ENV.value, tempfile.mkdtemp(
+  for key, value in measure(fixtures.BENCH_ENV.value, tempfile.mkdtemp(
       prefix='sac-bench-prio-'), log=log).items():
     log(f'{key}: {value}')
 

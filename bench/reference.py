@@ -38,12 +38,15 @@ collect and the learner has trained for --warmup_s since then. In the window:
   project's `uniform_table`, read at both ends of the window;
 * train steps: the reference's train_step from its `variables` table (its
   learner pushes after every step; ReverbVariableContainer.pull), this
-  project's from its learner's log lines `learner: train_step N/M` (its
-  variables table is pushed every 100 steps); each over the span between its
-  two readings;
+  project's from its learner's published status (`variable_container.
+  status`: train_step and the time it was published, every
+  --log_interval_s; its variables table is pushed every 100 steps); each
+  over the span between its two readings;
 * cross-checks: sampled items / batch size per second (the learners' input,
-  both systems), this project's actor log `env_steps N`, and the cores each
-  process (with its children) kept busy.
+  both systems), and the cores each process (with its children) kept busy.
+
+Neither system's log text is read: the reference's logs are third-party
+text, and this project's figures are its status data.
 
 Ratios are project / reference of the medians over rounds (with 2 rounds, the
 mean). Prints one JSON document (and writes it to --out if given).
@@ -55,7 +58,6 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -70,7 +72,8 @@ from tf_agents.experimental.distributed import reverb_variable_container
 from tf_agents.replay_buffers import reverb_replay_buffer
 
 from bench import fixtures
-from tests.cluster import REPO_ROOT, Cluster, free_port
+from launcher.local_cluster import REPO_ROOT, Cluster, free_port
+from variable_container import status
 
 REFERENCE_DIR = flags.DEFINE_string(
     'reference_dir', '/tmp/tfa_ref',
@@ -106,19 +109,12 @@ BENCH_ENV = fixtures.BENCH_ENV
 
 SYSTEMS = ('reference', 'project')
 REFERENCE_SCRIPTS = ('sac_reverb_server.py', 'sac_collect.py', 'sac_train.py')
-LOG_INTERVAL_S = 2  # This project's progress lines.
-
-# absl's line prefix: I1123 09:25:31.123456 12345 train.py:325] message
-_ABSL_LINE = re.compile(
-    r'^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6})\s+\d+ [^\]]*\] (.*)$',
-    re.M)
-_LEARNER_STEP = re.compile(r'learner: train_step (\d+)/')
-_ACTOR_STEPS = re.compile(r'\benv_steps (\d+) ')
-_ALLOCATOR = re.compile(r'learner: memory allocator (\w+)')
+LOG_INTERVAL_S = 2  # This project's progress (log lines and status).
 
 
 class _Jobs(Cluster):
-  """`tests.cluster.Cluster` that also starts scripts; stops process groups.
+  """`launcher.local_cluster.Cluster` that also starts scripts; stops
+  process groups.
 
   A job's liveness is read without reaping it (waitid WNOWAIT): until
   stop_all reaps it, its pid, which is also its process group's id (each job
@@ -130,24 +126,16 @@ class _Jobs(Cluster):
     os.makedirs(os.path.join(log_dir, 'tmp'), exist_ok=True)
     super().__init__(log_dir)
 
-  def _popen(self, name, argv, cwd):
-    path = os.path.join(self.log_dir, f'{name}.log')
-    log = open(path, 'ab')
-    env = dict(os.environ, PYTHONUNBUFFERED='1',
-               TMPDIR=os.path.join(self.log_dir, 'tmp'))
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=log,
-                            stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    self.procs[name] = proc
-    self._logs[name] = (path, log)
-    return proc
+  def _env(self):
+    return {'TMPDIR': os.path.join(self.log_dir, 'tmp')}
 
   def start(self, name, module, args):
-    return self._popen(name, [sys.executable, '-m', module] + list(args),
-                       REPO_ROOT)
+    return self.spawn(name, [sys.executable, '-m', module] + list(args),
+                      env=self._env())
 
   def start_script(self, name, script, args, cwd):
-    return self._popen(name, [sys.executable, script] + list(args), cwd)
+    return self.spawn(name, [sys.executable, script] + list(args), cwd=cwd,
+                      env=self._env())
 
   def exited(self, name):
     """True when the job's process has exited (it stays unreaped)."""
@@ -207,29 +195,6 @@ def _timed_stats(address, table):
   return (start + time.time()) / 2, stats
 
 
-def _absl_lines(text):
-  """[(epoch seconds, message)] of absl log lines (local time, no year)."""
-  now = datetime.datetime.now()
-  lines = []
-  for m in _ABSL_LINE.finditer(text):
-    month, day, hour, minute, second, micro = (int(g) for g in m.groups()[:6])
-    stamp = datetime.datetime(now.year, month, day, hour, minute, second, micro)
-    if stamp > now + datetime.timedelta(days=1):  # Logged last year.
-      stamp = stamp.replace(year=now.year - 1)
-    lines.append((stamp.timestamp(), m.group(7)))
-  return lines
-
-
-def _last_count(text, pattern):
-  """(time, N) of the last absl line matching `pattern` (N: its group 1)."""
-  found = None
-  for stamp, message in _absl_lines(text):
-    m = pattern.search(message)
-    if m:
-      found = (stamp, int(m.group(1)))
-  return found
-
-
 class _Reference:
   """TF-Agents' example: Reverb server, collect job, train job."""
 
@@ -287,9 +252,6 @@ class _Reference:
         reverb_variable_container.TRAIN_STEP_KEY].numpy())
     return (start + time.time()) / 2, step
 
-  def extra(self):
-    return {}
-
   def details(self):
     return {}
 
@@ -326,17 +288,36 @@ class _Project:
       jobs.start(role, role, self.argv[role])
 
   def train_step(self):
-    """(time, train_step) of the learner's last progress line, or None."""
-    return _last_count(self.jobs.log('learner'), _LEARNER_STEP)
-
-  def extra(self):
-    """The actor's own env step count, a cross-check of the inserts."""
-    return {'actor_env_steps': _last_count(self.jobs.log('actor'),
-                                           _ACTOR_STEPS)}
+    """(time published, train_step) of the learner's status, or None."""
+    try:
+      learner = status.read(reverb.Client(self.address), status.LEARNER)
+    except Exception:  # pylint: disable=broad-except
+      return None  # The server not serving yet.
+    if not learner:
+      return None
+    return learner['time'], int(learner['train_step'])
 
   def details(self):
-    m = _ALLOCATOR.search(self.jobs.log('learner'))
-    return {'learner_allocator': m.group(1) if m else None}
+    return {'learner_allocator': _allocator(self.jobs.procs['learner'].pid)}
+
+
+def _allocator(pid):
+  """The malloc process `pid` runs with, read from its environment as
+  `common.process.allocator` reads its own: 'jemalloc', another preloaded
+  allocator's library name, or 'system' (None if unreadable). The learner
+  re-executes itself with jemalloc preloaded, keeping its pid."""
+  try:
+    with open(f'/proc/{pid}/environ', 'rb') as f:
+      environ = dict(entry.split(b'=', 1) for entry in f.read().split(b'\0')
+                     if b'=' in entry)
+  except OSError:
+    return None
+  preload = environ.get(b'LD_PRELOAD', b'').decode(errors='replace')
+  for library in preload.replace(':', ' ').split():
+    name = os.path.basename(library)
+    if 'malloc' in name:
+      return 'jemalloc' if 'jemalloc' in name else name
+  return 'system'
 
 
 def _warm_up(system, log):
@@ -380,13 +361,13 @@ def _window(system):
   meter = fixtures.CpuMeter({role: jobs.procs[role].pid
                              for role in system.roles})
   t0, stats0 = _timed_stats(system.address, system.table)
-  step0, extra0 = system.train_step(), system.extra()
+  step0 = system.train_step()
   deadline = time.monotonic() + WINDOW_S.value
   while time.monotonic() < deadline:
     jobs.check_alive()
     time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
   t1, stats1 = _timed_stats(system.address, system.table)
-  step1, extra1 = system.train_step(), system.extra()
+  step1 = system.train_step()
   spent = meter.read()
   jobs.check_alive()
   window = t1 - t0
@@ -406,10 +387,6 @@ def _window(system):
       'cores_busy': {role: round(spent[role] / spent['wall'], 2)
                      for role in system.roles},
   }
-  for key, first in extra0.items():
-    last = extra1[key]
-    if first and last and last[0] > first[0]:
-      figures['cross_check'][f'{key}_per_s'] = round(_rate(first, last), 2)
   return figures
 
 
@@ -472,8 +449,9 @@ def main(_):
           'train_steps': {
               'reference': 'train_step in the variables table '
                            '(ReverbVariableContainer.pull; pushed every step)',
-              'project': 'learner log lines "learner: train_step N/M" '
-                         f'(every {LOG_INTERVAL_S} s), their absl timestamps'},
+              'project': 'train_step of the learner\'s published status '
+                         '(variable_container.status, every '
+                         f'{LOG_INTERVAL_S} s), with its publish time'},
           'ratio': 'project / reference of the medians over rounds',
       },
       'reference': {

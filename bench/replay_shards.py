@@ -82,11 +82,7 @@ def _own_cpu_seconds():
 
 def sample(env_name, addresses, server_pids, seconds, knobs):
   """Client mode: batches/s and CPU seconds per batch, client and servers."""
-  from common import agents  # pylint: disable=g-import-not-at-top
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
-  from common import environments  # pylint: disable=g-import-not-at-top
-  env = environments.load_environment(env_name)
-  agent = agents.create_agent(env, config_lib.SacConfig(), None, env_name)
+  agent = fixtures.build_sac(env_name).agent
   iterator = iter(pipeline(addresses, agent.collect_data_spec, knobs))
   for _ in range(20):  # Warm: streams open, prefetch buffer full.
     next(iterator)
@@ -134,12 +130,8 @@ def run_client(env_name, addresses, server_pids, cpus, knobs=None,
 def start_shards(cluster, env_name, count=2):
   """`count` filled replay servers, shard i pinned to the i-th core from the
   last; (addresses, pids)."""
-  from common import agents  # pylint: disable=g-import-not-at-top
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
-  from common import environments  # pylint: disable=g-import-not-at-top
   cpus = sorted(os.sched_getaffinity(0))
-  env = environments.load_environment(env_name)
-  agent = agents.create_agent(env, config_lib.SacConfig(), None, env_name)
+  agent = fixtures.build_sac(env_name).agent
   addresses, pids = [], []
   for i in range(count):
     name = f'replay_shard_{i}'

@@ -1,6 +1,6 @@
 """Benchmarks of the distributed system against its own parts and the tutorial loop.
 
-python -m bench.run [--out=bench/results.json] [--env=MinitaurBulletEnv-v0]
+python -m bench.run [--out=bench/results/run.json] [--bench_env=MinitaurBulletEnv-v0]
 
 Every ratio is measured within one run of this command (rates on a shared
 machine drift between runs). Prints one JSON document and writes it to --out.
@@ -8,27 +8,22 @@ Processes whose rates are compared are pinned to cores (`taskset -c`; the
 placements are in BENCHMARKS.md and in the JSON): collection against cores
 (`bench.collection`), replay sampling per server core and over shards
 (`bench.replay_shards`), the learner's input efficiency on one core
-(`bench.learner_input`).
+(`bench.learner_input`). Rates come from the processes' status data (the
+replay table's counts, the learner's published status), never from logs.
 """
 
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
 
-from bench import step_check
 from common import process  # Must precede TensorFlow imports.
-
-if __name__ == '__main__':
-  # Modules that import bench.run (bench.prioritized) get this module, not a
-  # second copy that would define its flags again.
-  sys.modules.setdefault('bench.run', sys.modules[__name__])
 
 from absl import flags
 from absl import logging
+import reverb
 import tensorflow as tf
 from tf_agents.policies import py_tf_eager_policy
 from tf_agents.policies import random_py_policy
@@ -39,16 +34,17 @@ from tf_agents.train import learner as tfa_learner
 from bench import collection
 from bench import fixtures
 from bench import learner_input
+from bench import prioritized
 from bench import replay_shards
-from common import agents
+from bench import step_check
 from common import config as config_lib
 from common import table_names
-from common import environments
-from bench.tutorial_replay import tutorial_replay
-from tests.cluster import Cluster, free_port, processes_naming
+from launcher.local_cluster import free_port, processes_naming
 from variable_container import VariableContainerClient
+from variable_container import status
 
-OUT = flags.DEFINE_string('out', 'bench/results.json', 'Where to write JSON.')
+OUT = flags.DEFINE_string('out', 'bench/results/run.json',
+                          'Where to write JSON.')
 BENCH_ENV = fixtures.BENCH_ENV
 STEPS = flags.DEFINE_integer('baseline_train_steps', 1000,
                              'Train steps of the tutorial-loop comparison.')
@@ -79,31 +75,10 @@ class _RssWatch:
         self.peak[name] = max(self.peak.get(name, 0), round(rss, 1))
 
 
-def _server(cluster, env_name, extra=()):
-  port = free_port()
-  cluster.start('replay_server', 'replay_server', [
-      f'--env={env_name}', f'--port={port}', '--rate_limiter=min_size',
-      '--min_size_to_sample=1', '--replay_capacity=100000',
-      '--validate_env_episodes=0'] + list(extra))
-  cluster.wait_for_log('replay_server', 'serving tables', 180)
-  return f'localhost:{port}'
-
-
-def _agent(env_name, train_step=None):
-  env = environments.load_environment(env_name)
-  return env, agents.create_agent(env, SAC, train_step, env_name)
-
-
-push_weights = fixtures.push_weights
-
-
-_fill = fixtures.fill  # bench.prioritized fills its tables with it.
-
-
 def sampling_rates(env_name, address):
   """Batches of 256 served per second through the learner's pipeline and
   through TF-Agents' ReverbReplayBuffer.as_dataset (unpinned)."""
-  _, agent = _agent(env_name)
+  agent = fixtures.build_sac(env_name).agent
   sample_rate = learner_input.batches_per_s(
       learner_input.live_dataset_fn(address, agent)())
   stock = reverb_replay_buffer.ReverbReplayBuffer(
@@ -115,16 +90,14 @@ def sampling_rates(env_name, address):
 
 
 def weight_propagation(env_name, address, rounds=20):
-  _, learner_agent = _agent(env_name)
-  _, actor_agent = _agent(env_name)
-  pushed = agents.shared_variables(learner_agent,
-                                   learner_agent.train_step_counter)
-  pulled = agents.shared_variables(actor_agent, actor_agent.train_step_counter)
+  learner_side = fixtures.build_sac(env_name)
+  actor_side = fixtures.build_sac(env_name)
+  pushed, pulled = learner_side.variables, actor_side.variables
   pusher = VariableContainerClient(address, pushed, 60)
   puller = VariableContainerClient(address, pulled, 60)
   latencies = []
   for k in range(100, 100 + rounds):
-    learner_agent.train_step_counter.assign(k)
+    learner_side.train_step.assign(k)
     start = time.perf_counter()
     pusher.push(pushed)
     while puller.pull_into(pulled) != k:
@@ -136,9 +109,10 @@ def weight_propagation(env_name, address, rounds=20):
 
 def tutorial_loop(env_name, initial_steps, train_steps):
   """The tutorial's single-process loop: 1 collect step + 1 train step."""
-  collect_env, agent = _agent(env_name)
-  train_step = agent.train_step_counter
-  server, dataset, observer = tutorial_replay(agent, 10000, SAC.batch_size)
+  built = fixtures.build_sac(env_name, keep_env=True)
+  collect_env, agent, train_step = built.env, built.agent, built.train_step
+  server, dataset, observer = fixtures.tutorial_replay(agent, 10000,
+                                                       SAC.batch_size)
   start = time.perf_counter()
   tfa_actor.Actor(collect_env,
                   random_py_policy.RandomPyPolicy(collect_env.time_step_spec(),
@@ -164,15 +138,20 @@ def tutorial_loop(env_name, initial_steps, train_steps):
 
 def distributed_run(workdir, env_name, num_actors, initial_steps, train_steps,
                     rss):
-  cluster = Cluster(workdir)
+  """The launcher's cluster to `train_steps`; (seconds in all, seconds of
+  training, train steps/s) with the rate from the learner's final status."""
+  cluster = fixtures.PinnedCluster(workdir)
   root = os.path.join(workdir, f'run_{num_actors}')
+  port = free_port()
+  client = reverb.Client(f'localhost:{port}')
   start = time.perf_counter()
   cluster.start('launcher', 'launcher', [
       f'--env={env_name}', f'--root_dir={root}', f'--num_actors={num_actors}',
-      f'--initial_collect_steps={initial_steps}',
+      f'--port={port}', f'--initial_collect_steps={initial_steps}',
       f'--min_size_to_sample={initial_steps}', f'--train_steps={train_steps}',
       '--with_evaluator=false', '--policy_save_interval=1000000',
       '--log_interval_s=2', '--show_child_logs=false'])
+  learner = None
   try:
     while cluster.procs['launcher'].poll() is None:
       pids = {}
@@ -181,14 +160,23 @@ def distributed_run(workdir, env_name, num_actors, initial_steps, train_steps,
         task = next((a for a in cmd if a.startswith('--task=')), '')
         pids[f'{role}{task.replace("--task=", "_")}'] = pid
       rss.sample({f'distributed_{num_actors}/{k}': v for k, v in pids.items()})
-      time.sleep(1)
+      if not (learner or {}).get('finished'):
+        # The servers outlive the learner (the launcher stops them last):
+        # its final status is read while they still serve it.
+        try:
+          learner = status.read(client, status.LEARNER, server_info=(
+              client.server_info(timeout=2))) or learner
+        except Exception:  # pylint: disable=broad-except
+          pass  # Not serving yet, or stopping.
+      time.sleep(0.5)
     total_s = time.perf_counter() - start
   finally:
     cluster.stop_all()
-  with open(os.path.join(root, 'logs', 'learner.log')) as f:
-    m = re.search(r'finished at train_step \d+ .*; ([\d.]+) train steps/s',
-                  f.read())
-  train_rate = float(m.group(1))
+  if not (learner or {}).get('finished'):
+    raise RuntimeError(f'the learner of the {num_actors}-actor run published '
+                       f'no final status (last: {learner}); see '
+                       f'{root}/logs/learner.log')
+  train_rate = round(float(learner['steps_per_s']), 1)
   return total_s, train_steps / train_rate, train_rate
 
 
@@ -282,11 +270,11 @@ def main(_):
 
   # Unpinned, as before the scale-out benchmarks: one server process, every
   # process free to use every core.
-  cluster = Cluster(workdir)
+  cluster = fixtures.PinnedCluster(workdir)
   try:
-    address = _server(cluster, env_name)
-    _, agent = _agent(env_name)
-    insert_rate = _fill(address, agent, 20000)
+    address = fixtures.replay_server(cluster, 'replay_server', env_name)
+    agent = fixtures.build_sac(env_name).agent
+    insert_rate = fixtures.fill(address, agent, 20000)
     report('replay_inserted_transitions_per_s', round(insert_rate, 1))
     live, memory, _, _ = learner_input.learner_rates(env_name, address,
                                                      workdir)
@@ -329,7 +317,6 @@ def main(_):
         'tutorial_loop_over_distributed_training_phase': round(
             loop_s / train_s, 2)})
   # Prioritized replay's cost to the learner (issue: at most 15 % slower).
-  from bench import prioritized  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.join(workdir, 'prioritized'))
   for key, value in prioritized.measure(
       env_name, os.path.join(workdir, 'prioritized')).items():

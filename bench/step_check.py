@@ -19,6 +19,8 @@ import time
 from absl import flags
 from absl import logging
 
+from bench import fixtures
+
 flags.DEFINE_integer('checks', 50, 'train_step reads per measurement.')
 
 
@@ -48,19 +50,18 @@ def _per_check(read, checks: int):
 
 def measure(env_name: str, address: str, checks: int = 50) -> dict:
   """Pushes the weights once, then reads the step both ways."""
-  from common import agents  # pylint: disable=g-import-not-at-top
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tf_agents.experimental.distributed import reverb_variable_container  # pylint: disable=g-import-not-at-top
   from common import table_names  # pylint: disable=g-import-not-at-top
-  from common import environments  # pylint: disable=g-import-not-at-top
   from variable_container import VariableContainerClient  # pylint: disable=g-import-not-at-top
-  env = environments.load_environment(env_name)
-  agent = agents.create_agent(env, config_lib.SacConfig(), env_name=env_name)
-  variables = agents.shared_variables(agent, agent.train_step_counter)
-  agent.train_step_counter.assign(123)
+  built = fixtures.build_sac(env_name)
+  variables = built.variables
+  built.train_step.assign(123)
   client = VariableContainerClient(address, variables, 60)
   client.push(variables)
   assert client.latest_train_step() == 123
-  container = client._container  # pylint: disable=protected-access
+  # The weights read as a puller of the variables table reads them.
+  container = reverb_variable_container.ReverbVariableContainer(
+      address, table_names=[table_names.VARIABLE_TABLE])
   pull_bytes, pull_ms = _per_check(
       lambda: container.pull(table_names.VARIABLE_TABLE), checks)
   read_bytes, read_ms = _per_check(client.latest_train_step, checks)
@@ -72,16 +73,12 @@ def measure(env_name: str, address: str, checks: int = 50) -> dict:
 
 
 def main(_):
-  from tests.cluster import Cluster, free_port  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  cluster = Cluster(tempfile.mkdtemp(prefix='sac-step-check-'))
+  env_name = fixtures.BENCH_ENV.value
+  cluster = fixtures.PinnedCluster(tempfile.mkdtemp(prefix='sac-step-check-'))
   try:
-    env_name = 'MinitaurBulletEnv-v0'
-    port = free_port()
-    cluster.start('replay_server', 'replay_server', [
-        f'--env={env_name}', f'--port={port}', '--validate_env_episodes=0'])
-    cluster.wait_for_log('replay_server', 'serving tables', 180)
-    results = measure(env_name, f'localhost:{port}', flags.FLAGS.checks)
+    address = fixtures.replay_server(cluster, 'replay_server', env_name)
+    results = measure(env_name, address, flags.FLAGS.checks)
   finally:
     cluster.stop_all()
   print(json.dumps(results, indent=2), file=sys.stdout)

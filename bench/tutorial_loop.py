@@ -20,7 +20,7 @@ from common import process  # Must precede TensorFlow imports.
 from absl import flags
 from absl import logging
 
-from bench.tutorial_replay import tutorial_replay
+from bench import fixtures
 
 OUT = flags.DEFINE_string('out', 'runs/learning/tutorial_loop/seed_0',
                           'Directory for curve.jsonl.')
@@ -50,30 +50,31 @@ def main(_):
   from tf_agents.policies import random_py_policy
   from tf_agents.train import actor
   from tf_agents.train import learner
-  from tf_agents.train.utils import train_utils
 
-  from common import agents
+  from common import build
   from common import config as config_lib
   from common import environments
   from common import progress
+  from common import seeds
   # pylint: enable=g-import-not-at-top
 
-  tf.random.set_seed(SEED.value)
-  np.random.seed(SEED.value)
+  # Seeds as the cluster derives them: the collect env as actor 0's first
+  # environment, the eval env as the evaluator's.
+  tf.random.set_seed(seeds.derive(SEED.value, 'tutorial_loop'))
+  np.random.seed(seeds.derive(SEED.value, 'tutorial_loop'))
   os.makedirs(OUT.value, exist_ok=True)
   curve_path = os.path.join(OUT.value, 'curve.jsonl')
   if os.path.exists(curve_path):
     os.remove(curve_path)
-  collect_env = environments.load_environment(ENV.value,
-                                              seed=SEED.value * 100000)
-  eval_env = environments.load_environment(ENV.value,
-                                           seed=12345 + SEED.value * 100000)
   config = config_lib.SacConfig()  # The tutorial's hyperparameters.
-  train_step = train_utils.create_train_step()
-  tf_agent = agents.create_agent(collect_env, config, train_step,
-                                     ENV.value)
+  built = build.build(ENV.value, config,
+                      seed=seeds.derive(SEED.value, 'actor', 0, 'env', 0),
+                      keep_env=True)
+  collect_env, train_step, tf_agent = built.env, built.train_step, built.agent
+  eval_env = environments.load_environment(
+      ENV.value, seed=seeds.derive(SEED.value, 'evaluator', 'env'))
 
-  reverb_server, dataset, rb_observer = tutorial_replay(
+  reverb_server, dataset, rb_observer = fixtures.tutorial_replay(
       tf_agent, REPLAY_CAPACITY.value, config.batch_size)
 
   collect_policy = py_tf_eager_policy.PyTFEagerPolicy(

@@ -6,34 +6,24 @@ connect. Table signatures only catch dtypes and shapes: processes with
 another `--gamma`, `--action_repeat` or `--replay` would connect and train on
 each other's data without this.
 
-The contract is JSON bytes in a uint8 array, in a table stock TF-Agents
-clients never look at.
+The contract is one JSON document in a one-value table
+(`variable_container.one_value`) that stock TF-Agents clients never look at.
 """
 
 import json
 from typing import Mapping, Optional, Tuple
 
 from absl import logging
-import numpy as np
 import reverb
-import tensorflow as tf
 
-from common import tables as tables_lib
+from common import table_names
 from common.errors import UserError
-
-CONTRACT_TABLE = 'run_contract'
+from variable_container import one_value
 
 
 def contract_table() -> reverb.Table:
   """One item, the latest contract (an insert replaces the one before)."""
-  return reverb.Table(
-      name=CONTRACT_TABLE,
-      sampler=reverb.selectors.Fifo(),
-      remover=reverb.selectors.Fifo(),
-      max_size=1,
-      rate_limiter=reverb.rate_limiters.MinSize(1),
-      max_times_sampled=0,
-      signature=tf.TensorSpec([None], tf.uint8))
+  return one_value.json_table(table_names.CONTRACT_TABLE)
 
 
 def _normalized(contract: Mapping) -> dict:
@@ -42,13 +32,7 @@ def _normalized(contract: Mapping) -> dict:
 
 
 def publish(client: reverb.Client, contract: Mapping) -> None:
-  data = json.dumps(dict(contract), sort_keys=True).encode('utf-8')
-  client.insert(np.frombuffer(data, dtype=np.uint8),
-                priorities={CONTRACT_TABLE: 1.0})
-
-
-def _decode(array) -> dict:
-  return json.loads(np.asarray(array, dtype=np.uint8).tobytes().decode('utf-8'))
+  one_value.insert_json(client, table_names.CONTRACT_TABLE, contract)
 
 
 def read(client: reverb.Client, timeout_s: float = 5.0,
@@ -57,12 +41,11 @@ def read(client: reverb.Client, timeout_s: float = 5.0,
   none was published within `timeout_s`."""
   if server_info is None:
     server_info = client.server_info(timeout=10)
-  if CONTRACT_TABLE not in server_info:
+  if table_names.CONTRACT_TABLE not in server_info:
     return None
   # Sampled even when the table looked empty: a server publishes right after
   # it starts (after its restore check), so a client may ask in between.
-  return tables_lib.read_int64(client, CONTRACT_TABLE, timeout_s,
-                               convert=_decode)
+  return one_value.read_json(client, table_names.CONTRACT_TABLE, timeout_s)
 
 
 def first_difference(mine: Mapping,
@@ -103,7 +86,7 @@ def check(address: str, contract: Optional[Mapping], who: str,
   client = reverb.Client(address)
   if server_info is None:
     server_info = client.server_info(timeout=10)
-  if CONTRACT_TABLE not in server_info:
+  if table_names.CONTRACT_TABLE not in server_info:
     return
   published = read(client, server_info=server_info)
   if published is None:

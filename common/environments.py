@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 from common.errors import UserError
+from common.errors import one_line
 
 
 def _registered_gym_ids():
@@ -135,10 +136,10 @@ def _reset_after_last_class():
 
     # The base wrapper forwards only observation and action specs.
     def reward_spec(self):
-      return self._env.reward_spec()
+      return self.wrapped_env().reward_spec()
 
     def discount_spec(self):
-      return self._env.discount_spec()
+      return self.wrapped_env().discount_spec()
 
   return ResetAfterLast
 
@@ -151,7 +152,7 @@ def _discretize(env, name: str, num_actions: int):
     return wrappers.ActionDiscretizeWrapper(env, num_actions=num_actions)
   except (ValueError, TypeError, AttributeError) as e:
     raise UserError(f'--discretize_actions does not apply to --env={name} '
-                    f'({str(e).splitlines()[0][:150]}); it needs bounded '
+                    f'({one_line(e, 150)}); it needs bounded '
                     'continuous actions') from None
 
 

@@ -222,4 +222,7 @@ def run(main, program: str):
         sys.exit(2)
     return rest
 
+  settings_flags = sys.modules.get('common.config_flags')
+  if settings_flags is not None and program in settings_flags.ROLES:
+    settings_flags.declare_key_flags(program)  # --help: the role's flags.
   app.run(_main, flags_parser=_parse_flags)

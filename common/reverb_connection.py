@@ -1,8 +1,10 @@
-"""Talking to a Reverb server: addresses, waiting for it, checking its tables.
+"""Talking to a Reverb server: addresses, waiting for it, checking its
+tables, and telling an outage (retry) from a bug (fail).
 
 Clients never assume a server is up: `wait_for_server` polls with backoff and
 logs while it waits, and gives up with a one-line `UserError` after the
-timeout (`--server_timeout_s`).
+timeout (`--server_timeout_s`); `is_transient` says which errors a retry can
+cure.
 """
 
 import time
@@ -13,6 +15,30 @@ import reverb
 import tensorflow as tf
 
 from common.errors import UserError
+from common.errors import one_line
+
+# Errors after which a retry can succeed: the server is restarting or slow.
+_TRANSIENT_TYPES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                    tf.errors.CancelledError,
+                    reverb.errors.DeadlineExceededError)
+# Other errors are transient only when they say the connection went away:
+# Reverb's Python client reports a dropped connection ("Connection reset by
+# peer") as a RuntimeError, and a server killed while confirming an insert as
+# InternalError ("Error when confirming that all items written to table").
+_CONNECTION_LOST = ('connection reset', 'connection refused', 'socket closed',
+                    'failed to connect', 'broken pipe', 'stream removed',
+                    'unavailable', 'goaway', 'error when confirming')
+
+
+def is_transient(error: BaseException) -> bool:
+  """True for errors a retry can cure; a genuine bug is never retried."""
+  if isinstance(error, _TRANSIENT_TYPES):
+    return True
+  if isinstance(error, (RuntimeError, tf.errors.OpError,
+                        reverb.errors.ReverbError)):
+    text = str(error).lower()
+    return any(words in text for words in _CONNECTION_LOST)
+  return False
 
 
 def parse_address(address: str, flag_name: str = 'address') -> str:
@@ -56,7 +82,7 @@ def wait_for_server(address: str, timeout_s: float, who: str = 'client',
       return reverb.Client(address).server_info(
           timeout=max(1, min(5, int(remaining))))
     except Exception as e:  # pylint: disable=broad-except
-      reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+      reason = one_line(e, 120)
     elapsed = time.monotonic() - start
     if elapsed >= timeout_s:
       raise UserError(

@@ -26,3 +26,18 @@ STRIDE_LENGTH = 1
 # With --replay=prioritized: the largest priority the learner has written,
 # one float64 item, read by actors so new items enter at the max priority.
 MAX_PRIORITY_TABLE = 'max_priority'
+# The run contract (`common.contract`): the flags every process of a run
+# shares, one JSON item the replay server publishes at start.
+CONTRACT_TABLE = 'run_contract'
+
+# `--task=auto` actor indices (server side `replay_server.actor_indices`,
+# client side `actor.actor_index`).
+# Free indices in a server's queue at a time: enough for a few actors that
+# start together, few enough that one freed below them is soon at the front.
+QUEUE_DEPTH = 8
+
+
+def shard_of(index: int, num_shards: int) -> int:
+  """The shard that hands out actor `index`, holds its lease and gets its
+  data: with S replay shards, shard k owns the indices i with i mod S == k."""
+  return index % num_shards

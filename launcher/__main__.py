@@ -77,7 +77,8 @@ def main(_):
       # An actor's own deadline after SIGTERM (--stop_timeout_s) comes first,
       # so it says why it is late before the launcher kills it.
       stop_grace_s={'actor': cf.STOP_TIMEOUT_S.value + 5,
-                    'evaluator': cf.STOP_TIMEOUT_S.value + 5})
+                    'evaluator': cf.STOP_TIMEOUT_S.value + 5},
+      replay_addresses=[f'localhost:{port}' for port in ports])
   sys.exit(sup.run())
 
 

@@ -1,4 +1,5 @@
-"""Prioritized replay on the learner's side: importance weights and priority updates.
+"""Prioritized replay on the learner's side: the train step, importance
+weights and priority updates.
 
 The learner samples with the probabilities of the table's `Prioritized`
 selector, corrects for them with importance-sampling weights, and writes
@@ -18,6 +19,8 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
+from common import agents
+from common import config as config_lib
 from common import table_names
 
 # Added to every priority, so that no item's probability becomes 0.
@@ -38,11 +41,36 @@ def annealed_exponent(start: float, train_step, train_steps: int):
   return start + (1.0 - start) * progress
 
 
+def prioritized_train_step(agent, agent_config: config_lib.AgentConfig,
+                           updater: 'PriorityUpdater', exponent: float,
+                           train_steps: int):
+  """The train step on a prioritized table: `fn(experience, sample_info)`.
+
+  Trains `agent` with importance-sampling weights from each item's sampling
+  probability (their exponent annealed from `exponent` to 1 over
+  `train_steps`), hands each item's |TD error| to `updater` as its new
+  priority, and returns the agent's `LossInfo`. `train_step.Learner` runs it
+  in place of `agent.train`.
+  """
+  train_with_td_errors = agents.train_with_td_errors(agent, agent_config)
+  train_step = agent.train_step_counter
+
+  def train(experience, sample_info):
+    beta = annealed_exponent(exponent, train_step, train_steps)
+    weights = importance_weights(sample_info.probability,
+                                 sample_info.table_size, beta)
+    loss_info, td_errors = train_with_td_errors(experience, weights)
+    updater.send(sample_info.key, td_errors)
+    return loss_info
+
+  return train
+
+
 class PriorityUpdater:
   """Writes priorities to the replay table from background threads.
 
-  `submit(keys, td_errors)` is called from inside the train step (via
-  `tf.numpy_function`); it only queues. A thread merges what is queued,
+  `send(keys, td_errors)` is called inside the train step; through
+  `tf.numpy_function`, `submit` only queues. A thread merges what is queued,
   sends one `mutate_priorities` per round, and publishes the largest priority
   of its recent rounds to the `max_priority` table, where actors read the
   priority new items enter with. Priorities are advice: if a queue is full
@@ -110,11 +138,9 @@ class PriorityUpdater:
       writer.put(update)
     return np.int64(0)
 
-  def send_from_train_step(self, experience_and_info, loss_info) -> None:
-    """The Learner's `after_train_strategy_step_fn` (runs inside tf.function)."""
-    _, sample_info = experience_and_info
-    _, td_errors = loss_info.extra
-    tf.numpy_function(self.submit, [sample_info.key, td_errors], tf.int64,
+  def send(self, keys: tf.Tensor, td_errors: tf.Tensor) -> None:
+    """`submit` from inside a train step (a tf.function)."""
+    tf.numpy_function(self.submit, [keys, td_errors], tf.int64,
                       stateful=True)
 
 

@@ -1,8 +1,9 @@
 """What the learner's checkpoints hold, and guards around writing and reading them.
 
 Owns `<root_dir>/train/run_settings.json` (the settings that define a run,
-written before its first checkpoint) and the learner's use of TF-Agents'
-checkpoint manager (`Learner._checkpointer`, touched here only):
+written before its first checkpoint) and the learner's checkpoints: a
+`tf_agents.utils.common.Checkpointer` on the directory and objects of
+TF-Agents' `Learner` (so each restores what the other wrote):
 
   * a rerun on the same --root_dir with other settings is refused in one line
     instead of resuming another run;
@@ -26,12 +27,17 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 from tf_agents.train import learner as tfa_learner
+from tf_agents.utils import common as tfa_common
 
 from common import agents
 from common import config as config_lib
 from common.errors import UserError
+from common.errors import one_line
 
 SETTINGS_FILE = 'run_settings.json'
+
+# Checkpoints kept (TF-Agents' Learner's default, which the learner passes).
+MAX_CHECKPOINTS = 3
 
 # Errors of a failed write: disk full (ENOSPC as OSError, or TensorFlow's
 # file-system errors), a directory gone or read-only.
@@ -62,6 +68,16 @@ def train_dir(root_dir: str) -> str:
 
 def checkpoint_dir(root_dir: str) -> str:
   return os.path.join(train_dir(root_dir), tfa_learner.POLICY_CHECKPOINT_DIR)
+
+
+def checkpointer(root_dir: str, agent,
+                 train_step: tf.Variable) -> tfa_common.Checkpointer:
+  """A checkpointer of `agent` and `train_step` where TF-Agents' `Learner`
+  keeps them, under the same names: it restores the Learner's checkpoints and
+  the Learner restores its. Restores the latest one as it is built."""
+  return tfa_common.Checkpointer(checkpoint_dir(root_dir),
+                                 max_to_keep=MAX_CHECKPOINTS, agent=agent,
+                                 train_step=train_step)
 
 
 def has_checkpoint(root_dir: str) -> bool:
@@ -196,7 +212,7 @@ def choose_checkpoint(root_dir: str) -> Optional[str]:
       why = (f'{len(bad)} tensors hold NaN or inf, e.g. {bad[0]}'
              if bad else '')
     except Exception as e:  # pylint: disable=broad-except
-      why = f'unreadable: {str(e).splitlines()[0][:160] or type(e).__name__}'
+      why = f'unreadable: {one_line(e)}'
     if not why:
       break
     kept.remove(path)
@@ -218,17 +234,27 @@ def non_finite_variables(variables) -> List[str]:
           if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
 
 
+def weights_error(step: int, bad: List[str], what_not_done: str
+                  ) -> UserError:
+  """The one line that ends training on non-finite weights `bad`."""
+  return UserError(f'weights became non-finite at train_step {step} '
+                   f'({len(bad)} variables, e.g. {bad[0]}); {what_not_done}: '
+                   'lower the learning rates or the reward scale')
+
+
 class Checkpoints:
   """The learner's checkpoints: restore checked, saves guarded.
 
-  Wraps the checkpoint manager of TF-Agents' `Learner` (which has restored
-  the checkpoint `choose_checkpoint` left newest when this is built).
+  Built after TF-Agents' `Learner` (which has restored the checkpoint
+  `choose_checkpoint` left newest, and created every optimizer variable), on
+  the same directory and objects (`checkpointer`).
   """
 
-  def __init__(self, learner: tfa_learner.Learner, root_dir: str,
-               restored: Optional[str], agent):
-    self._checkpointer = learner._checkpointer  # pylint: disable=protected-access
+  def __init__(self, root_dir: str, agent, train_step: tf.Variable,
+               restored: Optional[str]):
+    self._checkpointer = checkpointer(root_dir, agent, train_step)
     self._agent = agent
+    self._train_step = train_step
     self.last_saved: Optional[str] = restored
     if restored is not None:
       try:
@@ -237,26 +263,23 @@ class Checkpoints:
       except AssertionError as e:
         raise UserError(
             f'checkpoint {restored} was written for another agent or other '
-            f'networks ({" ".join(str(e).split())[:160]}); give another '
+            f'networks ({one_line(e)}); give another '
             f'--root_dir, or delete {train_dir(root_dir)} to start afresh'
         ) from None
 
-  def save(self, train_step: tf.Variable) -> bool:
+  def save(self) -> bool:
     """Writes a checkpoint of finite variables; False if the write failed.
 
     Raises:
       UserError: a variable is NaN or inf (it is then not written).
     """
-    step = int(train_step.numpy())
+    step = int(self._train_step.numpy())
     bad = non_finite_variables(self._agent.variables)
     if bad:
-      raise UserError(
-          f'weights became non-finite at train_step {step} ({len(bad)} '
-          f'variables, e.g. {bad[0]}); not checkpointed (the last checkpoint '
-          f'is {self.last_saved}): lower the learning rates or the reward '
-          'scale')
+      raise weights_error(step, bad, 'not checkpointed (the last checkpoint '
+                          f'is {self.last_saved})')
     try:
-      self._checkpointer.save(train_step)
+      self._checkpointer.save(self._train_step)
     except WRITE_ERRORS as e:
       logging.error('learner: checkpoint at train_step %d failed (%s); '
                     'training goes on, the next interval tries again', step,

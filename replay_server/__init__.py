@@ -1,1 +1,3 @@
-"""The Reverb server process: the replay table and, by default, the variables table."""
+"""The Reverb server process: tables (`tables`), serving (`server`),
+checkpoints (`checkpoints`) and the `--task=auto` actor indices' server side
+(`actor_indices`); by default it serves the variables' tables too."""

@@ -3,8 +3,8 @@
 Run as `python -m tests.mirrored_losses --agent=sac|dqn`; prints one JSON
 line: {"default": [...], "mirrored": [...]} with each step's losses.
 
-Both strategies train the project's agent (common/agents.py) with TF-Agents'
-Learner, as learner/train.py does, from the same initial weights (copied) on
+Both strategies train the project's agent (common/agents.py) with the
+learner's `train_step.Learner` (TF-Agents' Learner), as learner/train.py does, from the same initial weights (copied) on
 the same global batches (MirroredStrategy splits each over its replicas).
 
 SAC samples actions inside its losses, and two replicas cannot draw the same
@@ -35,12 +35,12 @@ def main():
   strategy_lib.split_cpu(2)
   # pylint: disable=g-import-not-at-top
   from tf_agents.specs import tensor_spec
-  from tf_agents.train import learner as tfa_learner
   from tf_agents.train.utils import train_utils
   from tf_agents.trajectories import time_step as ts
   from common import agents
   from common import config as config_lib
   from common import environments
+  from learner import train_step as train_step_lib
   # pylint: enable=g-import-not-at-top
 
   if agent_name == 'dqn':
@@ -115,7 +115,7 @@ def main():
     else:
       iterator = iter(dataset)
       replicas = 1
-    learner = tfa_learner.Learner(
+    learner = train_step_lib.Learner(
         f'/tmp/mirrored_losses_{name}', train_step, agent,
         experience_dataset_fn=lambda: dataset, strategy=strategy,
         run_optimizer_variable_init=False, summary_interval=10**9,

@@ -7,7 +7,9 @@ does what its arguments say:
   --stop_delay_s=S           on SIGTERM, take S more seconds to exit (a slow
                              learner writing its final checkpoint);
   --log_bytes=B              first write B bytes of log lines (more than a
-                             pipe holds: it blocks unless they are read).
+                             pipe holds: it blocks unless they are read);
+  --say=LINE                 write LINE (as often as given): log text that
+                             looks like a role's.
 """
 
 import argparse
@@ -23,6 +25,7 @@ def main() -> int:
   parser.add_argument('--code', type=int, default=0)
   parser.add_argument('--stop_delay_s', type=float, default=0.0)
   parser.add_argument('--log_bytes', type=int, default=0)
+  parser.add_argument('--say', action='append', default=[])
   args = parser.parse_args()
   stop = threading.Event()
   signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -30,6 +33,8 @@ def main() -> int:
   line = 'x' * 99 + '\n'
   for _ in range(args.log_bytes // len(line) + 1):
     sys.stdout.write(line)
+  for text in args.say:
+    print(text, flush=True)
   print('stub wrote its log lines', flush=True)
   if stop.wait(args.exit_after_s):
     print(f'stub stopping in {args.stop_delay_s}s', flush=True)

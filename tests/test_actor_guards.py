@@ -16,14 +16,15 @@ import reverb
 import tensorflow as tf
 from tf_agents.trajectories import time_step as ts
 
-from common import actor_indices
+from actor import actor_index
 from common import agents
 from common import config as config_lib
 from common import table_names
 from common import environments
-from common import tables
 from common.errors import UserError
-from tests.cluster import TINY, free_port, table_size
+from launcher.local_cluster import TINY, free_port, table_size
+from replay_server import actor_indices
+from replay_server import tables
 from variable_container import VariableContainerClient
 
 
@@ -54,16 +55,16 @@ def test_expired_index_is_handed_out_again_lowest_first():
     indices = actor_indices.ActorIndices(address, grace_s=0,
                                          lease_timeout_s=2.0)
     _poll_until(indices, lambda: _queue_size(address) > 0)
-    assert [actor_indices.claim_actor_id(address, 10) for _ in range(2)] == [
+    assert [actor_index.claim_actor_id(address, 10) for _ in range(2)] == [
         0, 1]
-    lease = actor_indices.ActorLease(address, 1, interval_s=0.3).start()
+    lease = actor_index.ActorLease(address, 1, interval_s=0.3).start()
     try:
       _poll_until(indices, lambda: indices.held == [1])
-      assert actor_indices.claim_actor_id(address, 10) == 0
+      assert actor_index.claim_actor_id(address, 10) == 0
       _poll_until(indices, lambda: 0 in indices.held)
       # Not renewed: 0 expires again, 1 (renewed) never does.
       _poll_until(indices, lambda: indices.held == [1])
-      assert actor_indices.claim_actor_id(address, 10) == 0
+      assert actor_index.claim_actor_id(address, 10) == 0
     finally:
       lease.stop()
   finally:
@@ -80,11 +81,11 @@ def test_shards_hand_out_their_residue_class_and_claims_skip_a_dead_one():
       _poll_until(indices, lambda a=addresses[k]: _queue_size(a) > 0)
     # Equal queues: the lowest shard; then always the fullest. Shard k hands
     # out k, k + 3, ...
-    got = [actor_indices.claim_actor_id(addresses, 10) for _ in range(6)]
+    got = [actor_index.claim_actor_id(addresses, 10) for _ in range(6)]
     assert got == [0, 1, 2, 3, 4, 5], got
     servers[1][0].stop()
     # A dead shard is skipped; the others keep their residue classes.
-    claims = [actor_indices.claim_actor_id(addresses, 20) for _ in range(4)]
+    claims = [actor_index.claim_actor_id(addresses, 20) for _ in range(4)]
     assert claims == [6, 8, 9, 11], claims
   finally:
     for k, (server, _) in enumerate(servers):
@@ -101,11 +102,11 @@ def test_a_shard_started_without_the_shard_list_is_refused_at_claim():
     shards = [actor_indices.ActorIndices(a, grace_s=0) for a in addresses]
     for k, indices in enumerate(shards):
       _poll_until(indices, lambda a=addresses[k]: _queue_size(a) > 0)
-    assert actor_indices.claim_actor_id(addresses, 10) == 0
+    assert actor_index.claim_actor_id(addresses, 10) == 0
     with pytest.raises(UserError, match=r'shard 1 \(localhost:\d+\) handed '
                        r'out index 0, which belongs to shard 0: start every '
                        r'replay server with the whole --replay_address list'):
-      actor_indices.claim_actor_id(addresses, 10)
+      actor_index.claim_actor_id(addresses, 10)
   finally:
     for server, _ in servers:
       server.stop()
@@ -239,12 +240,12 @@ def test_collector_ends_every_episode_at_its_last_step(env_name):
   """The tutorial's card game steps on past LAST; CartPole (gym) resets
   itself: either way every LAST is followed by a reset, the boundary is no
   step, and nothing is reset twice."""
-  from actor import collector as collector_lib  # pylint: disable=g-import-not-at-top
+  from actor import env_loop  # pylint: disable=g-import-not-at-top
   from actor import env_processes  # pylint: disable=g-import-not-at-top
   envs = env_processes.InProcessEnvironments(env_name, [1, 2],
                                              environments.EnvOptions())
   recorders = [_Recorder(), _Recorder()]
-  collector = collector_lib.Collector(envs, recorders)
+  collector = env_loop.Collector(envs, recorders)
   # Always draw (0) in the card game: busts, and the tutorial's game then
   # draws on. CartPole: always push left.
   act = lambda time_steps: (np.zeros(len(time_steps), np.int64), ())
@@ -362,3 +363,47 @@ def test_evaluator_reads_weights_from_another_shard_when_one_stops():
     assert weights.pull_into(variables) == 7
   finally:
     servers[1].stop()
+
+
+def test_rollback_check_notices_the_weights_going_back():
+  """The one check, for the collector and the evaluator: a train_step older
+  than the last one seen (a learner restored an older checkpoint)."""
+  from actor import triggers  # pylint: disable=g-import-not-at-top
+  check = triggers.RollbackCheck('actor 0')
+  assert not check(None, 'acting with them')  # Nothing read: ignored.
+  assert not check(40, 'acting with them')
+  assert not check(40, 'acting with them')
+  assert not check(None, 'acting with them')
+  assert check.last_step == 40
+  assert check(10, 'acting with them')
+  assert check.last_step == 10
+  assert not check(20, 'acting with them')
+
+
+def test_evaluator_status_goes_to_every_server_that_answers():
+  """After an evaluation its status is data on the servers the weights come
+  from: each that answers and has the status table; one that is gone or has
+  no status table is skipped."""
+  from actor import triggers  # pylint: disable=g-import-not-at-top
+  from variable_container import status  # pylint: disable=g-import-not-at-top
+  with_status = [reverb.Server(status.status_tables(), port=free_port())
+                 for _ in range(2)]
+  without = reverb.Server([tables.actor_id_table()], port=free_port())
+  gone = f'localhost:{free_port()}'
+  addresses = [f'localhost:{s.port}' for s in with_status + [without]]
+  try:
+    publish = triggers.StatusPublish(addresses[:1] + [gone] + addresses[1:])
+    row = {'AverageReturn': -3.5, 'AverageEpisodeLength': 21.0,
+           'num_episodes': 5}
+    publish(30, row)
+    for address in addresses[:2]:
+      got = status.read(reverb.Client(address), status.EVALUATOR, 10)
+      assert got is not None, address
+      assert (got['train_step'], got['average_return'], got['episodes'],
+              got['average_episode_length']) == (30, -3.5, 5, 21.0), got
+    publish(40, dict(row, AverageReturn=1.0))
+    got = status.read(reverb.Client(addresses[0]), status.EVALUATOR, 10)
+    assert (got['train_step'], got['average_return']) == (40, 1.0), got
+  finally:
+    for server in with_status + [without]:
+      server.stop()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from common import process
-from tests.cluster import REPO_ROOT, Cluster, free_port
+from launcher.local_cluster import REPO_ROOT, Cluster, free_port
 
 pytestmark = pytest.mark.skipif(
     process.jemalloc_path() is None,

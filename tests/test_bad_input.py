@@ -6,8 +6,7 @@ import pytest
 import reverb
 
 from common import table_names
-from common import contract
-from tests.cluster import TINY, free_port
+from launcher.local_cluster import TINY, free_port
 
 # A live server every case runs against (Pendulum, tiny networks).
 SERVER_FLAGS = ['--env=Pendulum-v1', '--rate_limiter=min_size',
@@ -17,7 +16,7 @@ SERVER_FLAGS = ['--env=Pendulum-v1', '--rate_limiter=min_size',
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
-  from tests.cluster import Cluster  # pylint: disable=g-import-not-at-top
+  from launcher.local_cluster import Cluster  # pylint: disable=g-import-not-at-top
   cluster = Cluster(str(tmp_path_factory.mktemp('server')))
   port = free_port()
   cluster.start('replay_server', 'replay_server',
@@ -34,7 +33,8 @@ def _sizes(address):
   # sample), and the server consumes actors' lease renewals on its own.
   return {name: (t.current_size, t.num_episodes, t.num_unique_samples)
           for name, t in info.items()
-          if name not in (table_names.ACTOR_LEASE_TABLE, contract.CONTRACT_TABLE)}
+          if name not in (table_names.ACTOR_LEASE_TABLE,
+                          table_names.CONTRACT_TABLE)}
 
 
 def _cases(address, port, tmp):

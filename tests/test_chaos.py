@@ -11,11 +11,10 @@ import time
 
 import tensorflow as tf
 
-from common import actor_indices
 from common import table_names
-from common import tables
 
-from tests.cluster import TINY, free_port, table_size
+from launcher.local_cluster import TINY, free_port, table_size
+from variable_container import one_value
 
 
 def _flags(address, train_steps):
@@ -175,7 +174,7 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
   # Every table: the queue of the lowest free actor indices (a few at a
   # time), the weights and their step, items.
   ids, step, items, weights = (int(x) for x in restored.groups())
-  assert ids == actor_indices.QUEUE_DEPTH
+  assert ids == table_names.QUEUE_DEPTH
   assert step == weights == 1
   assert items >= checkpointed[-1] > 0
   assert table_size(address) >= checkpointed[-1]
@@ -277,8 +276,8 @@ def test_learner_ctrl_c_leaves_checkpoint_and_push_then_rollback(
                               'ckpt-*.index'))
   assert max(int(re.search(r'ckpt-(\d+)', p).group(1))
              for p in checkpoints) == last
-  assert tables.take_int64s(address, table_names.TRAIN_STEP_TABLE,
-                            5000) == [last]
+  assert one_value.take_int64s(address, table_names.TRAIN_STEP_TABLE,
+                               5000) == [last]
 
   cluster.start('learner_b', 'learner', flags + [f'--root_dir={tmp_path}/b'])
   assert cluster.wait('learner_b', 300) == 0, cluster.tail('learner_b')

@@ -8,16 +8,17 @@ import pytest
 import reverb
 import tensorflow as tf
 
+from actor import actor_index
 from actor.collect import initial_collect_share
 from common import agents
 from common import config as config_lib
 from common import table_names
 from common import environments
 from common import reverb_connection
-from common import actor_indices
-from common import tables
 from common.errors import UserError
-from tests.cluster import free_port
+from launcher.local_cluster import free_port
+from replay_server import actor_indices
+from replay_server import tables
 from variable_container import VariableContainerClient
 
 TINY_SAC = config_lib.SacConfig(actor_fc_layers=(8,), critic_joint_fc_layers=(8,),
@@ -132,9 +133,10 @@ def test_signature_mismatch_names_table_and_specs():
 
 def test_variables_round_trip_through_the_container():
   built = tables.build_tables('Pendulum-v1', TINY_SAC, replay=None)
-  # The run's contract table is served too (issue 18, common/contract.py).
-  assert [t.name for t in built if t.name != 'run_contract'] == [
-      'variables', 'train_step']
+  # The run's contract table is served too (issue 18, common/contract.py),
+  # and each role's status (variable_container/status.py).
+  assert [t.name for t in built if t.name != 'run_contract' and
+          not t.name.startswith('status_')] == ['variables', 'train_step']
   server = reverb.Server(built, port=free_port())
   address = f'localhost:{server.port}'
   try:
@@ -176,7 +178,7 @@ def test_auto_actor_ids_are_distinct_and_in_order():
   try:
     actor_indices.fill_actor_ids(address)
     actor_indices.fill_actor_ids(address)  # Idempotent: a restart keeps the queue.
-    assert [actor_indices.claim_actor_id(address) for _ in range(3)] == [0, 1, 2]
+    assert [actor_index.claim_actor_id(address) for _ in range(3)] == [0, 1, 2]
   finally:
     server.stop()
 
@@ -186,7 +188,7 @@ def test_auto_actor_id_needs_the_queue_table():
   server = reverb.Server(built, port=free_port())
   try:
     with pytest.raises(UserError, match="no 'actor_ids' table"):
-      actor_indices.claim_actor_id(f'localhost:{server.port}')
+      actor_index.claim_actor_id(f'localhost:{server.port}')
   finally:
     server.stop()
 

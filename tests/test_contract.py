@@ -6,10 +6,10 @@ import pytest
 import reverb
 
 from common import contract
-from common import tables
 from common.errors import UserError
-from tests.cluster import Cluster
-from tests.cluster import free_port
+from launcher.local_cluster import Cluster
+from launcher.local_cluster import free_port
+from replay_server import server as server_lib
 
 RUN = {'env': 'Pendulum-v1', 'agent': 'sac', 'max_episode_steps': 0,
        'discretize_actions': 0, 'action_repeat': 1, 'gamma': 0.99,
@@ -72,7 +72,7 @@ def test_serve_publishes_its_contract():
   """`serve` publishes the contract it is given, for clients to check."""
   stop = threading.Event()
   port = free_port()
-  serving = threading.Thread(target=tables.serve, daemon=True, args=(
+  serving = threading.Thread(target=server_lib.serve, daemon=True, args=(
       [contract.contract_table()], port, stop), kwargs=dict(contract=RUN))
   serving.start()
   try:

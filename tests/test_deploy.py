@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.cluster import REPO_ROOT
+from launcher.local_cluster import REPO_ROOT
 
 K8S = os.path.join(REPO_ROOT, 'deploy', 'k8s')
 

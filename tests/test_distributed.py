@@ -3,7 +3,7 @@
 import re
 import time
 
-from tests.cluster import TINY, free_port, table_size
+from launcher.local_cluster import TINY, free_port, table_size
 
 
 def _max_weights_step(log: str) -> int:

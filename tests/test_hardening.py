@@ -16,17 +16,19 @@ from tf_agents.experimental.distributed import reverb_variable_container
 from tf_agents.train import learner as tfa_learner
 from tf_agents.train.utils import train_utils
 
+from actor import actor_index
 from common import agents
 from common import table_names
 from common import environments
-from common import actor_indices
-from common import tables
+from common import reverb_connection
 from common.errors import UserError
 from learner import dataset as dataset_lib
-from tests.cluster import free_port
+from launcher.local_cluster import free_port
+from replay_server import tables
 from tests.test_common import TINY_SAC
 from variable_container import VariableContainerClient
 from variable_container import client as client_lib
+from variable_container import one_value
 
 
 @pytest.fixture(name='pendulum')
@@ -46,7 +48,7 @@ def test_claim_actor_id_gives_up_after_the_timeout():
   try:
     start = time.monotonic()
     with pytest.raises(UserError, match='no free actor index .* within 2s'):
-      actor_indices.claim_actor_id(f'localhost:{server.port}', timeout_s=2)
+      actor_index.claim_actor_id(f'localhost:{server.port}', timeout_s=2)
     assert time.monotonic() - start < 10
   finally:
     server.stop()
@@ -116,12 +118,13 @@ def test_a_bug_fails_at_once_and_an_outage_is_retried(pendulum):
     assert client.latest_train_step() == 7
   finally:
     server.stop()
-  assert client_lib.is_transient(reverb.errors.DeadlineExceededError('x'))
-  assert client_lib.is_transient(tf.errors.InternalError(
+  assert reverb_connection.is_transient(
+      reverb.errors.DeadlineExceededError('x'))
+  assert reverb_connection.is_transient(tf.errors.InternalError(
       None, None, 'Error when confirming that all items written to table'))
-  assert not client_lib.is_transient(tf.errors.InvalidArgumentError(
+  assert not reverb_connection.is_transient(tf.errors.InvalidArgumentError(
       None, None, 'incompatible tensor'))
-  assert not client_lib.is_transient(ValueError('bad nest'))
+  assert not reverb_connection.is_transient(ValueError('bad nest'))
 
 
 def test_train_step_is_read_without_pulling_the_weights(pendulum):
@@ -140,8 +143,8 @@ def test_train_step_is_read_without_pulling_the_weights(pendulum):
     # Ours also writes the one-integer table, which is what is read.
     agent.train_step_counter.assign(9)
     client.push(variables)
-    assert tables.take_int64s(address, table_names.TRAIN_STEP_TABLE,
-                              1000) == [9]
+    assert one_value.take_int64s(address, table_names.TRAIN_STEP_TABLE,
+                                 1000) == [9]
     assert client.latest_train_step() == 9
   finally:
     server.stop()
@@ -278,7 +281,7 @@ def test_make_bench_entry_point_loads():
   """`make bench` (python -m bench.run) defines each flag once."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from tests.cluster import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  from launcher.local_cluster import REPO_ROOT  # pylint: disable=g-import-not-at-top
   out = subprocess.run([sys.executable, '-m', 'bench.run', '--helpfull'],
                        cwd=REPO_ROOT, capture_output=True, text=True,
                        timeout=120)

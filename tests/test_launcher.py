@@ -12,8 +12,8 @@ import imageio
 import tensorflow as tf
 
 from launcher import __main__ as launcher_main
-from tests.cluster import TINY
-from tests.cluster import processes_naming
+from launcher.local_cluster import TINY
+from launcher.local_cluster import processes_naming
 
 PENDULUM = ['--env=Pendulum-v1', '--replay_capacity=5000',
             '--min_size_to_sample=200', '--initial_collect_steps=200',

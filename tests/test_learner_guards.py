@@ -1,5 +1,6 @@
 """The learner's guards: nothing non-finite escapes, a --root_dir holds one
-run, a full disk is survived, and no replay shard is needed by all.
+run, a full disk is survived, no replay shard is needed by all, and its
+status reaches the servers as data.
 
 Real Reverb servers on localhost; the learner as a separate OS process where
 the behaviour is the process's.
@@ -10,6 +11,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -19,16 +21,21 @@ import tensorflow as tf
 from tf_agents.train import learner as tfa_learner
 from tf_agents.train.utils import train_utils
 
+from actor import collect as collect_lib
 from common import agents
 from common import config as config_lib
 from common import table_names
 from common import environments
-from common import tables
 from learner import priorities as priorities_lib
 from learner import run_record
-from tests.cluster import TINY, free_port, wait_until
+from learner import train as train_lib
+from launcher.local_cluster import TINY, free_port, wait_until
+from replay_server import server as server_lib
+from replay_server import tables
 from tests.test_common import TINY_SAC
 from variable_container import client as client_lib
+from variable_container import one_value
+from variable_container import status
 
 # The agent the TINY flags build.
 _TINY_FLAGS_SAC = config_lib.SacConfig(actor_fc_layers=(32, 32),
@@ -102,12 +109,13 @@ def test_non_finite_weights_are_never_checkpointed_and_a_restart_skips_them(
   env = environments.load_environment('Pendulum-v1')
   train_step = train_utils.create_train_step()
   agent = agents.create_agent(env, _TINY_FLAGS_SAC, train_step)
-  older = tfa_learner.Learner(root, train_step, agent, None)
+  tfa_learner.Learner(root, train_step, agent, None)
   assert int(train_step.numpy()) == last
+  older = run_record.checkpointer(root, agent, train_step)
   kernel = agent.collect_policy.variables()[0]
   kernel.assign(tf.fill(kernel.shape, np.nan))
   train_step.assign(last + 5)
-  older._checkpointer.save(train_step)  # pylint: disable=protected-access
+  older.save(train_step)
 
   cluster.start('learner_again', 'learner', flags + [f'--root_dir={root}'])
   cluster.wait_for_log('learner_again', rf'skipping checkpoint \S*ckpt-'
@@ -125,7 +133,7 @@ def _prioritized_server(items=8):
       table_names.REPLAY_TABLE, reverb.selectors.Prioritized(0.6),
       reverb.selectors.Fifo(), 1000, reverb.rate_limiters.MinSize(1),
       signature=tf.TensorSpec([None, 3], tf.float32))
-  server = reverb.Server([table, tables.max_priority_table()],
+  server = reverb.Server([table, one_value.max_priority_table()],
                          port=free_port())
   client = reverb.Client(f'localhost:{server.port}')
   with client.trajectory_writer(2) as writer:
@@ -156,13 +164,15 @@ def test_inf_td_errors_never_reach_a_table_and_every_shard_gets_the_max():
     td_errors = np.array([np.inf, np.nan, 3.0] + [0.5] * (len(keys) - 3))
     updater.submit(np.array(keys, np.uint64), td_errors)
     for client in (client_a, client_b):
-      wait_until(lambda c=client: tables.read_max_priority(c) is not None, 30,
-                 lambda: f'max priority at {addresses}')
+      wait_until(
+          lambda c=client: one_value.read_max_priority(c) is not None, 30,
+          lambda: f'max priority at {addresses}')
     priorities = _priorities(client_a)
     assert all(np.isfinite(p) for p in priorities.values()), priorities
     assert priorities[keys[2]] == pytest.approx(3.0, rel=1e-4)
     for client in (client_a, client_b):
-      assert tables.read_max_priority(client) == pytest.approx(3.0, rel=1e-4)
+      assert one_value.read_max_priority(client) == pytest.approx(
+          3.0, rel=1e-4)
     assert updater.non_finite == 2
   finally:
     updater.stop()
@@ -205,8 +215,8 @@ def test_a_checkpoint_of_other_networks_without_settings_is_one_line(
   train_step = train_utils.create_train_step()
   agent = agents.create_agent(env, TINY_SAC, train_step)
   train_step.assign(40)
-  tfa_learner.Learner(root, train_step, agent, None)._checkpointer.save(  # pylint: disable=protected-access
-      train_step)
+  tfa_learner.Learner(root, train_step, agent, None)
+  run_record.checkpointer(root, agent, train_step).save(train_step)
   wide = config_lib.SacConfig(actor_fc_layers=(64, 64),
                               critic_joint_fc_layers=(64, 64), batch_size=32)
   server = reverb.Server(tables.build_tables(
@@ -236,10 +246,11 @@ def test_an_unreadable_latest_checkpoint_is_skipped(tmp_path):
   env = environments.load_environment('Pendulum-v1')
   train_step = train_utils.create_train_step()
   agent = agents.create_agent(env, TINY_SAC, train_step)
-  saver = tfa_learner.Learner(root, train_step, agent, None)
+  tfa_learner.Learner(root, train_step, agent, None)
+  saver = run_record.checkpointer(root, agent, train_step)
   for step in (10, 20):
     train_step.assign(step)
-    saver._checkpointer.save(train_step)  # pylint: disable=protected-access
+    saver.save(train_step)
   data = [f for f in os.listdir(run_record.checkpoint_dir(root))
           if f.startswith('ckpt-20.data')][0]
   with open(os.path.join(run_record.checkpoint_dir(root), data), 'r+b') as f:
@@ -334,8 +345,8 @@ def test_weights_reach_every_shard_and_a_dead_shard_blocks_nothing():
 
   def step_at(address):
     try:
-      return tables.published_train_step(reverb.Client(address),
-                                         timeout_s=1.0)
+      return one_value.published_train_step(reverb.Client(address),
+                                            timeout_s=1.0)
     except Exception:  # pylint: disable=broad-except
       return None
 
@@ -372,3 +383,45 @@ def test_weights_reach_every_shard_and_a_dead_shard_blocks_nothing():
     pusher.stop()
     for shard in shards:
       shard.stop()
+
+
+# --- Status as data: what the launcher and the benchmarks read.
+
+
+def test_the_learner_publishes_its_status_to_the_servers(tmp_path):
+  """train_step, train_steps, steps/s and finished reach the server's status
+  table as data: no log text involved."""
+  config = config_lib.DqnConfig(q_fc_layers=(16,), batch_size=8)
+  replay = config_lib.ReplayConfig(replay_capacity=2000, min_size_to_sample=50,
+                                   samples_per_insert=None)
+  server = server_lib.start_server(
+      tables.build_tables('CartPole-v0', config, replay), free_port())
+  address = f'localhost:{server.port}'
+  stop = threading.Event()
+  try:
+    actor = threading.Thread(target=collect_lib.collect, args=(
+        collect_lib.ActorSettings(
+            env_name='CartPole-v0', root_dir=str(tmp_path / 'actor'),
+            replay_address=address, variable_address=address,
+            max_train_steps=60, initial_collect_steps=50,
+            pull_interval_steps=10, agent=config, server_timeout_s=30),
+        stop.is_set), daemon=True)
+    actor.start()
+    result = train_lib.train(
+        train_lib.LearnerSettings(
+            env_name='CartPole-v0', root_dir=str(tmp_path / 'learner'),
+            replay_address=address, variable_address=address,
+            train_steps=60, agent=config, push_interval_steps=10,
+            policy_save_interval=100000, server_timeout_s=30,
+            log_interval_s=0.1),
+        tf.distribute.get_strategy())
+    learner = status.read(reverb.Client(address), status.LEARNER)
+    assert learner is not None
+    assert learner['finished'] is True
+    assert learner['train_step'] == result.train_step == 60
+    assert learner['train_steps'] == 60
+    assert learner['steps_per_s'] == pytest.approx(result.steps_per_second)
+    actor.join(60)
+  finally:
+    stop.set()
+    server.stop()

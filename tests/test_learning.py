@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.cluster import free_port
+from launcher.local_cluster import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.cluster import REPO_ROOT, TINY, free_port
+from launcher.local_cluster import REPO_ROOT, TINY, free_port
 
 
 def test_learner_trains_under_mirrored_strategy(cluster, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from common import cluster_flags  # pylint: disable=unused-import  (defines)
 from common import presets
 from common.errors import UserError
-from tests.cluster import REPO_ROOT
+from launcher.local_cluster import REPO_ROOT
 
 
 def _flag_values(argv):

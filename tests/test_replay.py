@@ -20,11 +20,13 @@ from common import agents
 from common import config as config_lib
 from common import table_names
 from common import environments
-from common import tables
 from learner import priorities
 from learner import train as train_lib
-from tests.cluster import free_port
+from launcher.local_cluster import free_port
+from replay_server import server as server_lib
+from replay_server import tables
 from tests.test_common import TINY_SAC
+from variable_container import one_value
 
 TINY_DQN = config_lib.DqnConfig(q_fc_layers=(16,), batch_size=8)
 
@@ -130,7 +132,7 @@ def test_restore_keeps_items_and_priorities():
 
   def serve():
     table = tables.replay_table(tf.TensorSpec([2], tf.float32), replay, 1)
-    server = tables.start_server([table], free_port(), checkpoints)
+    server = server_lib.start_server([table], free_port(), checkpoints)
     return server, reverb.Client(f'localhost:{server.port}')
 
   def items_by_key(client):
@@ -197,7 +199,7 @@ def test_prioritized_n_step_cluster_trains_and_rewrites_priorities(cluster):
   assert {len(s) for s in samples} == {4}
   by_key = {s[0].info.key: s[0].info.priority for s in samples}
   assert len(set(by_key.values())) > 20, sorted(set(by_key.values()))[:10]
-  published = tables.read_max_priority(client)
+  published = one_value.read_max_priority(client)
   assert published is not None and published > 0
   assert cluster.wait('actor', 60) == 0, cluster.tail('actor')
 
@@ -253,7 +255,7 @@ def test_a_third_agent_is_one_module(tmp_path):
   replay = config_lib.ReplayConfig(replay_capacity=2000, min_size_to_sample=50,
                                    samples_per_insert=None, prioritized=True)
   built = tables.build_tables('CartPole-v0', config, replay)
-  server = tables.start_server(built, free_port())
+  server = server_lib.start_server(built, free_port())
   address = f'localhost:{server.port}'
   stop = threading.Event()
   try:

@@ -13,10 +13,13 @@ import tensorflow as tf
 
 from common import config as config_lib
 from common import table_names
-from common import tables
 from common.errors import UserError
-from tests.cluster import Cluster
-from tests.cluster import free_port
+from launcher.local_cluster import Cluster
+from launcher.local_cluster import free_port
+from replay_server import checkpoints as checkpoints_lib
+from replay_server import server as server_lib
+from replay_server import tables
+from variable_container import one_value
 
 # Small networks: the tables' settings, not their size, are under test.
 SERVER = ['--env=Pendulum-v1', '--actor_fc_layers=8',
@@ -113,8 +116,8 @@ def uniform_checkpoint(tmp_path):
   address = _start(cluster, 'first', checkpoints, '--replay_capacity=5000')
   try:
     cluster.wait_for_log('first', 'serving tables', 120)
-    tables.insert_int64(reverb.Client(address), table_names.TRAIN_STEP_TABLE,
-                        77)
+    one_value.insert_int64(reverb.Client(address),
+                           table_names.TRAIN_STEP_TABLE, 77)
     _stop_and_checkpoint(cluster, 'first')
   finally:
     cluster.stop_all()
@@ -147,7 +150,7 @@ def test_restart_with_other_replay_flags_is_refused(cluster,
                    '--replay_capacity=5000')
   cluster.wait_for_log('same', 'restored: ', 120)
   client = reverb.Client(address)
-  assert tables.published_train_step(client) == 77
+  assert one_value.published_train_step(client) == 77
   info = client.server_info(timeout=10)[table_names.REPLAY_TABLE]
   assert info.max_size == 5000
 
@@ -183,7 +186,7 @@ def test_a_restored_table_must_have_the_flags_settings(tmp_path, changed,
     return tables.replay_table(signature, replay, batch_size=1)
 
   checkpoints = str(tmp_path)
-  server = tables.start_server([table()], free_port(), checkpoints)
+  server = server_lib.start_server([table()], free_port(), checkpoints)
   try:
     client = reverb.Client(f'localhost:{server.port}')
     client.insert(np.zeros(2, np.float32),
@@ -193,15 +196,15 @@ def test_a_restored_table_must_have_the_flags_settings(tmp_path, changed,
     server.stop()
   port = free_port()
   with pytest.raises(UserError) as e:
-    tables.start_server([table(**changed)], port, checkpoints)
+    server_lib.start_server([table(**changed)], port, checkpoints)
   assert f"the checkpoint in {checkpoints} has table 'uniform_table' " in str(
       e.value)
   assert message in str(e.value), str(e.value)
   assert '\n' not in str(e.value)
-  assert tables._port_is_free(port)  # pylint: disable=protected-access
+  assert server_lib.port_is_free(port)
   assert os.listdir(checkpoints) == [os.path.basename(written)]
   # The flags it was written with restore it.
-  server = tables.start_server([table()], free_port(), checkpoints)
+  server = server_lib.start_server([table()], free_port(), checkpoints)
   try:
     info = reverb.Client(f'localhost:{server.port}').server_info()
     assert info[table_names.REPLAY_TABLE].current_size == 1
@@ -255,7 +258,7 @@ def test_a_full_disk_fails_a_checkpoint_and_the_server_serves_on(
   address = _start(cluster, 'server', checkpoints, '--checkpoint_interval_s=1')
   cluster.wait_for_log('server', 'serving tables', 120)
   client = reverb.Client(address)
-  tables.insert_int64(client, table_names.TRAIN_STEP_TABLE, 5)
+  one_value.insert_int64(client, table_names.TRAIN_STEP_TABLE, 5)
   complete = cluster.wait_for_log(
       'server', r'checkpoint \(periodic\) written to (\S+): .*train_step 5',
       60).group(1)
@@ -264,24 +267,24 @@ def test_a_full_disk_fails_a_checkpoint_and_the_server_serves_on(
   cluster.wait_for_log('server', r'checkpoint \(periodic\) (not written|'
                        r'failed)', 60)
   # Still serving: inserts and samples go on.
-  tables.insert_int64(client, table_names.TRAIN_STEP_TABLE, 6)
-  assert tables.published_train_step(client) == 6
+  one_value.insert_int64(client, table_names.TRAIN_STEP_TABLE, 6)
+  assert one_value.published_train_step(client) == 6
   assert cluster.procs['server'].poll() is None
   cluster.wait_for_log('server', r'checkpoint \(periodic\) (not written|'
                        r'failed)[^\n]*\n(.*\n)*.*checkpoint \(periodic\) '
                        r'(not written|failed)', 30)
   # The last complete checkpoint is kept, whole, and it is all there is.
   assert os.listdir(checkpoints) == [os.path.basename(complete)]
-  assert tables.checkpoint_damage(complete) is None
+  assert checkpoints_lib.checkpoint_damage(complete) is None
   assert 'written to' not in cluster.log('server')[failed:]
   # Space is back: the next checkpoint is written and whole.
   filler.unlink()
   path = cluster.wait_for_log(
       'server', r'checkpoint \(periodic\) written to (\S+): .*train_step 6',
       60).group(1)
-  assert tables.checkpoint_damage(path) is None
+  assert checkpoints_lib.checkpoint_damage(path) is None
   path = _stop_and_checkpoint(cluster, 'server')
-  assert tables.checkpoint_damage(path) is None
+  assert checkpoints_lib.checkpoint_damage(path) is None
 
 
 def test_a_damaged_checkpoint_is_never_restored(cluster, tiny_filesystem,
@@ -301,7 +304,8 @@ def test_a_damaged_checkpoint_is_never_restored(cluster, tiny_filesystem,
   finally:
     server.stop()
   assert os.path.isfile(os.path.join(damaged, 'DONE'))
-  assert tables.checkpoint_damage(damaged) == 'chunks.tfrecord is empty'
+  assert checkpoints_lib.checkpoint_damage(damaged) == (
+      'chunks.tfrecord is empty')
   (tiny_filesystem / 'filler').unlink()  # Space is back; the damage stays.
   _start(cluster, 'server', checkpoints)
   line = _refused(cluster, 'server')
@@ -312,19 +316,19 @@ def test_a_damaged_checkpoint_is_never_restored(cluster, tiny_filesystem,
   # A partial checkpoint (no DONE), newer than a complete one: named in a
   # warning and skipped; the complete one is restored.
   good = tmp_path / 'good'
-  server = tables.start_server([reverb.Table.queue('q', 10)], free_port(),
-                               str(good))
+  server = server_lib.start_server([reverb.Table.queue('q', 10)],
+                                   free_port(), str(good))
   try:
     client = reverb.Client(f'localhost:{server.port}')
     client.insert(np.int64(42), {'q': 1.0})
     client.checkpoint()
   finally:
     server.stop()
-  partial = good / tables.checkpoint_name_now()
+  partial = good / checkpoints_lib.checkpoint_name_now()
   partial.mkdir()
   (partial / 'tables.tfrecord').write_bytes(b'')
-  server = tables.start_server([reverb.Table.queue('q', 10)], free_port(),
-                               str(good))
+  server = server_lib.start_server([reverb.Table.queue('q', 10)],
+                                   free_port(), str(good))
   try:
     client = reverb.Client(f'localhost:{server.port}')
     assert [int(s[0].data[0]) for s in client.sample('q')] == [42]

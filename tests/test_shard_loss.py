@@ -13,13 +13,14 @@ import time
 import reverb
 
 from common import table_names
-from common import tables
-from tests.cluster import free_port
+from launcher.local_cluster import free_port
+from variable_container import one_value
 
 
 def _published_step(address: str):
   try:
-    return tables.published_train_step(reverb.Client(address), timeout_s=2.0)
+    return one_value.published_train_step(reverb.Client(address),
+                                          timeout_s=2.0)
   except Exception:  # pylint: disable=broad-except
     return None
 

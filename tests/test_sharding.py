@@ -14,8 +14,8 @@ import tensorflow as tf
 
 from common import table_names
 from learner import dataset as dataset_lib
-from tests.cluster import free_port
-from tests.cluster import wait_until
+from launcher.local_cluster import free_port
+from launcher.local_cluster import wait_until
 
 
 def _marked_server(marker: float, items: int = 64) -> reverb.Server:

@@ -1,8 +1,10 @@
 """The launcher's Supervisor with stand-in children (tests/stub_child.py).
 
 Restarts with backoff, giving up, a run with no actor left, log pumps that
-survive failing writes, and the stop order with a grace per group. The stubs
-are real OS processes; the one replay server is the real binary.
+survive failing writes, the stop order with a grace per group, and a
+progress line read from a real Reverb server's status tables, whatever the
+children log. The stubs are real OS processes; the one replay server is the
+real binary.
 """
 
 import errno
@@ -11,11 +13,16 @@ import re
 import threading
 import time
 
+import numpy as np
 import pytest
+import reverb
 
+from common import table_names
+from launcher import progress_line
 from launcher import supervisor
-from tests.cluster import REPO_ROOT
-from tests.cluster import free_port
+from launcher.local_cluster import REPO_ROOT
+from launcher.local_cluster import free_port
+from variable_container import status
 
 STUB = 'tests.stub_child'
 
@@ -246,3 +253,75 @@ def test_a_slow_learner_stop_leaves_the_server_its_final_checkpoint(
   # The server was asked to stop only once the learner had gone.
   stopped = out.times_of(r'\[learner\] stub stopped')[0]
   assert out.times_of(r'checkpoint \(on stop\)')[0] > stopped
+
+
+@pytest.fixture
+def status_server():
+  """A real Reverb server with the status tables and a replay table."""
+  replay = reverb.Table(
+      name=table_names.REPLAY_TABLE, sampler=reverb.selectors.Uniform(),
+      remover=reverb.selectors.Fifo(), max_size=1000,
+      rate_limiter=reverb.rate_limiters.MinSize(1))
+  server = reverb.Server(status.status_tables() + [replay])
+  yield f'localhost:{server.port}'
+  server.stop()
+
+
+def _progress_lines(tmp_path, address, said):
+  """The progress lines of a run whose learner stub logs the lines `said`,
+  while the status tables say train_step 42 and AverageReturn -123.45."""
+  client = reverb.Client(address)
+  status.publish(client, status.LEARNER, train_step=42, train_steps=100,
+                 steps_per_s=3.5, finished=False)
+  status.publish(client, status.EVALUATOR, train_step=40,
+                 average_return=-123.45, episodes=2)
+  for i in range(5):
+    client.insert(np.float32(i), priorities={table_names.REPLAY_TABLE: 1.0})
+  out = Lines()
+  sup = supervisor.Supervisor(
+      [learner_stub(*[f'--say={line}' for line in said]), actor_stub(0)],
+      str(tmp_path / 'logs'), train_steps=100, progress_interval_s=0.5,
+      out=out, replay_addresses=[address])
+  code, _ = run(sup, timeout_s=90, until=lambda: len(
+      out.times_of(r'^\[launcher\] train_step 42/')) >= 3)
+  text = out.text()
+  assert code == 0, text
+  for line in said:
+    assert f'[learner] {line}' in text, text  # Still echoed.
+  assert not sup.progress.feed_running(), 'the status feed outlived its run'
+  return [line.split(' | elapsed')[0] for line in text.splitlines()
+          if line.startswith('[launcher] train_step 42/')]
+
+
+def test_the_progress_line_comes_from_status_tables_not_log_text(
+    tmp_path, status_server):
+  # The old log formats, with other numbers: a line parsed from log text
+  # would show train_step 7 and AverageReturn 1.00.
+  old_format = ['learner: train_step 7/100  9.0 steps/s  loss 0.5',
+                'evaluator: train_step 5  AverageReturn 1.00  episodes 2',
+                'actor 0: collect  env_steps 10  99.0 env steps/s']
+  lines = _progress_lines(tmp_path / 'a', status_server, old_format)
+  assert lines[0] == ('[launcher] train_step 42/100 (42.0%) | 3.5 train '
+                      'steps/s | 0.0 env steps/s (1 actors) | AverageReturn '
+                      '-123.45 (at step 40)'), lines
+  assert len(set(lines)) == 1, lines  # The final line too.
+  reworded = ['learner: at step 7 of 100, 9.0 steps a second',
+              'evaluator: step 5, average return 1.00']
+  assert set(_progress_lines(tmp_path / 'b', status_server, reworded)) == {
+      lines[0]}
+
+
+def test_the_env_rate_is_each_shards_insert_growth_over_the_window():
+  line = progress_line.ProgressLine(train_steps=100, window_s=2.0)
+  line.update({'inserted_items': {'a': 100, 'b': 50}}, now=0.0)
+  line.update({'inserted_items': {'a': 110, 'b': 60}}, now=1.0)
+  assert line.env_rate == 20.0
+  # Shard b restarted (its count fell), shard a went away: neither counts
+  # from 1.0 to 2.0.
+  line.update({'inserted_items': {'b': 5}}, now=2.0)
+  assert line.env_rate == 10.0  # 20 in the window's 2 s.
+  line.update({'inserted_items': {'b': 25}}, now=3.0)
+  assert line.env_rate == 10.0  # The window starts at 1.0 now.
+  line.update({'inserted_items': {'b': 45}}, now=4.0)
+  assert line.env_rate == 20.0
+  assert '20.0 env steps/s (2 actors)' in line.line(2, elapsed_s=5.0)

@@ -15,7 +15,7 @@ from actor.writer import StoppableTrajectoryObserver
 from common import agents
 from common import table_names
 from common import environments
-from tests.cluster import free_port
+from launcher.local_cluster import free_port
 from tests.test_common import TINY_SAC
 
 
@@ -70,7 +70,7 @@ def test_no_item_spans_two_episodes_when_end_episode_times_out():
       # The episode ended for Reverb too: the writer's history starts anew
       # (with Reverb's end_episode timing out and not retried, it kept every
       # step of the run and one episode ID for all of them).
-      history.append(len(observer._writer.history.observation))  # pylint: disable=protected-access
+      history.append(len(observer.history.observation))
     assert max(history) == 0, history
     expected = episodes * (length - 1)  # 2-step items, stride 1.
     deadline = time.monotonic() + 60

@@ -17,35 +17,13 @@ import tensorflow as tf
 from tf_agents.experimental.distributed import reverb_variable_container
 
 from common import agents
-from common import table_names
 from common import reverb_connection
-from common import tables
+from common import table_names
 from common.errors import UserError
+from common.errors import one_line
+from variable_container import one_value
 
 TRAIN_STEP_KEY = reverb_variable_container.TRAIN_STEP_KEY
-
-# Errors after which a retry can succeed: the server is restarting or slow.
-_TRANSIENT_TYPES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                    tf.errors.CancelledError,
-                    reverb.errors.DeadlineExceededError)
-# Other errors are transient only when they say the connection went away:
-# Reverb's Python client reports a dropped connection ("Connection reset by
-# peer") as a RuntimeError, and a server killed while confirming an insert as
-# InternalError ("Error when confirming that all items written to table").
-_CONNECTION_LOST = ('connection reset', 'connection refused', 'socket closed',
-                    'failed to connect', 'broken pipe', 'stream removed',
-                    'unavailable', 'goaway', 'error when confirming')
-
-
-def is_transient(error: BaseException) -> bool:
-  """True for errors a retry can cure; a genuine bug is never retried."""
-  if isinstance(error, _TRANSIENT_TYPES):
-    return True
-  if isinstance(error, (RuntimeError, tf.errors.OpError,
-                        reverb.errors.ReverbError)):
-    text = str(error).lower()
-    return any(words in text for words in _CONNECTION_LOST)
-  return False
 
 
 def non_finite(variables) -> List[str]:
@@ -89,6 +67,16 @@ class VariableContainerClient:
     self._has_step_table = (table == table_names.VARIABLE_TABLE and
                             table_names.TRAIN_STEP_TABLE in info)
 
+  @property
+  def address(self) -> str:
+    """The server this client talks to."""
+    return self._address
+
+  @property
+  def has_step_table(self) -> bool:
+    """Whether pushes also write the one-int64 `train_step` table."""
+    return self._has_step_table
+
   def _ensure_reachable(self) -> None:
     """Waits (logging) while the server is away.
 
@@ -113,13 +101,13 @@ class VariableContainerClient:
       try:
         return fn()
       except Exception as e:  # pylint: disable=broad-except
-        if not is_transient(e):
+        if not reverb_connection.is_transient(e):
           raise  # A bug, not an outage: fail at once, with its traceback.
         elapsed = time.monotonic() - start
         if elapsed > self._timeout_s or self._should_stop():
           raise UserError(f'{what} at {self._address} kept failing for '
                           f'{elapsed:.0f}s: '
-                          f'{str(e).splitlines()[0][:120]}') from None
+                          f'{one_line(e, 120)}') from None
         logging.warning('%s: %s at %s failed (%s); retrying in %.1fs',
                         self._who, what, self._address,
                         type(e).__name__, delay)
@@ -131,7 +119,7 @@ class VariableContainerClient:
     step = refuse_non_finite(variables)
     self._retry('push', lambda: self._container.push(variables, self._table))
     if self._has_step_table:
-      self._retry('push train_step', lambda: tables.insert_int64(
+      self._retry('push train_step', lambda: one_value.insert_int64(
           self._client, table_names.TRAIN_STEP_TABLE, step))
 
   def flush(self, timeout_s: float = 0.0) -> None:
@@ -176,7 +164,7 @@ class VariableContainerClient:
     except Exception:  # pylint: disable=broad-except
       info = self._retry('server_info',
                          lambda: self._client.server_info(timeout=10))
-    step = tables.published_train_step(self._client, info)
+    step = one_value.published_train_step(self._client, info)
     if step is not None:
       return step
     if not info[self._table].current_size:
@@ -239,7 +227,7 @@ class ShardedVariablePusher:
         steps.append(client.latest_train_step())
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('learner: cannot read train_step at %s (%s)',
-                        client._address, type(e).__name__)  # pylint: disable=protected-access
+                        client.address, type(e).__name__)
     steps = [s for s in steps if s is not None]
     return max(steps) if steps else None
 
@@ -259,7 +247,7 @@ class _ShardPusher(threading.Thread):
     self._table = table
     self._container = reverb_variable_container.ReverbVariableContainer(
         address, table_names=[table])
-    self._has_step_table = client._has_step_table  # pylint: disable=protected-access
+    self._has_step_table = client.has_step_table
     self._reverb = reverb.Client(address)
     self._latest = queue.Queue(maxsize=1)
     self._idle = threading.Event()
@@ -313,13 +301,14 @@ class _ShardPusher(threading.Thread):
       try:
         self._container.push(snapshot, self._table)
         if self._has_step_table:
-          tables.insert_int64(self._reverb, table_names.TRAIN_STEP_TABLE, step)
+          one_value.insert_int64(self._reverb, table_names.TRAIN_STEP_TABLE,
+                                 step)
         self.pushed_step, pending = step, None
         if self._latest.empty():
           self._idle.set()
       except Exception as e:  # pylint: disable=broad-except
-        if not is_transient(e):
+        if not reverb_connection.is_transient(e):
           logging.error('%s: push to %s failed: %s', self._who,
-                        self._address, str(e).splitlines()[0][:200])
+                        self._address, one_line(e, 200))
           pending = None
         # Transient: kept, and tried again once the shard answers.

@@ -31,6 +31,7 @@ import tensorflow as tf
 from tf_agents.experimental.distributed import reverb_variable_container
 from tf_agents.specs import tensor_spec
 
+from common import compat
 from common.config import AgentConfig
 from common.errors import UserError
 
@@ -153,13 +154,10 @@ def encoder_layers(encoder) -> Optional[Sequence[tf.keras.layers.Layer]]:
 
   None where the encoder does more (preprocessing layers, a combiner).
   """
-  from tf_agents.networks import encoding_network  # pylint: disable=g-import-not-at-top
-  if (not isinstance(encoder, encoding_network.EncodingNetwork) or
-      encoder._flat_preprocessing_layers is not None or  # pylint: disable=protected-access
-      encoder._preprocessing_combiner is not None or  # pylint: disable=protected-access
+  layers = compat.encoder_postprocessing_layers(encoder)
+  if (layers is None or
       len(tf.nest.flatten(encoder.input_tensor_spec)) != 1):
     return None
-  layers = encoder._postprocessing_layers  # pylint: disable=protected-access
   return layers if NumpyLayers.supports(layers) else None
 
 

@@ -18,6 +18,7 @@ from tf_agents.train.utils import train_utils
 from tf_agents.utils import common as tfa_common
 
 from common import agents
+from common import compat
 from common.config import DqnConfig
 from common.errors import UserError
 
@@ -78,7 +79,7 @@ def collect_config(config: DqnConfig, actor_index: int,
 def train_with_td_errors(agent):
   """One train step; DQN's own per-item TD errors are the priorities."""
 
-  agent_train = agent.train  # The agent's own, even if `train` is replaced.
+  agent_train = agent.train  # Bound now: TF-Agents' Learner rewraps it.
 
   def train(experience, weights):
     loss_info = agent_train(experience, weights=weights)
@@ -136,16 +137,18 @@ class NumpyCollectPolicy:
 def numpy_collect_policy(agent, config: DqnConfig,
                          seed: Optional[int] = None):
   """`NumpyCollectPolicy` for `agent`, or None for networks it cannot run."""
-  # pylint: disable=protected-access
-  net = agent._q_network
+  net = compat.q_network_layers(agent)
   action_specs = tf.nest.flatten(agent.action_spec)
-  if not isinstance(net, q_network.QNetwork) or len(action_specs) != 1:
+  if net is None or len(action_specs) != 1:
     return None
-  layers = agents.encoder_layers(net._encoder)
+  layers = agents.encoder_layers(net.encoder)
+  # The collect policy carries the agent's splitter (an action mask, which
+  # the NumPy policy does not apply).
   if (layers is None or
-      not agents.NumpyLayers.supports([net._q_value_layer]) or
-      agent._observation_and_action_constraint_splitter is not None or
+      not agents.NumpyLayers.supports([net.q_value_layer]) or
+      agent.collect_policy.observation_and_action_constraint_splitter
+      is not None or
       callable(config.epsilon_greedy)):
     return None
-  return NumpyCollectPolicy(list(layers) + [net._q_value_layer],
+  return NumpyCollectPolicy(list(layers) + [net.q_value_layer],
                             action_specs[0], config.epsilon_greedy, seed)

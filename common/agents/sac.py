@@ -18,6 +18,7 @@ from tf_agents.train.utils import spec_utils
 from tf_agents.train.utils import train_utils
 
 from common import agents
+from common import compat
 from common.config import SacConfig
 from common.errors import UserError
 
@@ -106,7 +107,7 @@ def collect_config(config: SacConfig, actor_index: int,
 def train_with_td_errors(agent):
   """One train step; the priorities are the mean |TD error| of both critics."""
 
-  agent_train = agent.train  # The agent's own, even if `train` is replaced.
+  agent_train = agent.train  # Bound now: TF-Agents' Learner rewraps it.
 
   def train(experience, weights):
     with agent.td_error_keeper.keeping() as kept:
@@ -185,20 +186,15 @@ def numpy_collect_policy(agent, config: SacConfig,
                          seed: Optional[int] = None):
   """`NumpyCollectPolicy` for `agent`, or None for networks it cannot run."""
   del config
-  # pylint: disable=protected-access
-  net = agent._actor_network
-  if not isinstance(net,
-                    actor_distribution_network.ActorDistributionNetwork):
+  net = compat.actor_network_layers(agent)
+  if net is None:
     return None
-  layers = agents.encoder_layers(net._encoder)
-  projections = tf.nest.flatten(net._projection_networks)
+  layers = agents.encoder_layers(net.encoder)
   action_specs = tf.nest.flatten(agent.action_spec)
-  if (layers is None or len(projections) != 1 or len(action_specs) != 1 or
-      not isinstance(projections[0], tanh_normal_projection_network
-                     .TanhNormalProjectionNetwork) or
-      projections[0]._std_transform is not tf.exp or
-      not agents.NumpyLayers.supports([projections[0]._projection_layer]) or
+  if (layers is None or len(action_specs) != 1 or
+      net.std_transform is not tf.exp or
+      not agents.NumpyLayers.supports([net.projection_layer]) or
       agent.collect_policy.observation_and_action_constraint_splitter):
     return None
-  return NumpyCollectPolicy(layers, projections[0]._projection_layer,
-                            action_specs[0], seed)
+  return NumpyCollectPolicy(layers, net.projection_layer, action_specs[0],
+                            seed)

@@ -1,7 +1,10 @@
-"""Starts the project's binaries as separate OS processes for tests.
+"""A localhost cluster: the project's binaries as named OS processes.
 
-Each process logs to its own file under the test's tmp dir; whatever is still
-running when the test ends is terminated, then killed.
+The fixture that the tests and the benchmarks (`bench/`) share: each process
+logs to its own file under a directory of the caller's (a test's tmp dir, a
+benchmark's work dir); whatever is still running at `stop_all` is terminated,
+then killed. Readiness is read from the servers themselves
+(`wait_for_server`), or, where a test checks a message, from a log line.
 """
 
 import os
@@ -58,13 +61,19 @@ class Cluster:
     self._logs = {}
 
   def start(self, name: str, module: str, args: List[str]) -> subprocess.Popen:
+    """Runs `python -m module args` from the repository root as `name`."""
+    return self.spawn(name, [sys.executable, '-m', module] + list(args))
+
+  def spawn(self, name: str, argv: List[str], cwd: str = REPO_ROOT,
+            env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """Runs `argv` as `name`, in a session of its own, logging to
+    `<log_dir>/<name>.log`; `env`: more environment variables."""
     path = os.path.join(self.log_dir, f'{name}.log')
     log = open(path, 'ab')
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    proc = subprocess.Popen([sys.executable, '-m', module] + list(args),
-                            cwd=REPO_ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        list(argv), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})),
+        start_new_session=True)
     self.procs[name] = proc
     self._logs[name] = (path, log)
     return proc
@@ -89,6 +98,26 @@ class Cluster:
       time.sleep(0.5)
     raise AssertionError(f'{name} did not log {pattern!r} in {timeout}s:\n'
                          f'{self.tail(name)}')
+
+  def wait_for_server(self, name: str, address: str, timeout: float) -> None:
+    """Waits until the Reverb server that process `name` runs at `address`
+    answers `server_info` (it serves its tables); raises if it exits first."""
+    import reverb  # pylint: disable=g-import-not-at-top
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        reverb.Client(address).server_info(timeout=2)
+        return
+      except Exception:  # pylint: disable=broad-except
+        pass  # Not listening yet.
+      if self.procs[name].poll() is not None:
+        raise AssertionError(f'{name} exited ({self.procs[name].returncode}) '
+                             f'before serving at {address}:\n'
+                             f'{self.tail(name)}')
+      if time.monotonic() >= deadline:
+        raise AssertionError(f'{name} did not serve at {address} in '
+                             f'{timeout}s:\n{self.tail(name)}')
+      time.sleep(0.5)
 
   def wait(self, name: str, timeout: float) -> int:
     try:

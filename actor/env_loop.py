@@ -1,4 +1,9 @@
-"""The actor's step loop: time step -> action -> environments -> trajectories -> Reverb.
+"""Stepping a batch of environments: time step -> action -> environments -> observers.
+
+Owns `Collector` (steps the batch and hands environment i's trajectories to
+observer i: the Reverb writers, or the tests' recorders), the ways to act
+(`numpy_act`, `random_act`, `tf_act`) and the collect metrics
+(`EpisodeStats`). The collecting actor's main loop is `actor.collect`.
 
 TF-Agents' `Actor`/`PyDriver` does the same with nests, metrics and a
 `tf.function` call per step, which cost a third of the time of one

@@ -1,0 +1,176 @@
+"""Every touch of a private attribute of TF-Agents or Reverb, and only here.
+
+Written against tf-agents 0.19.0 and dm-reverb 0.14.0 (the versions
+`requirements.txt` pins). Two fast paths need what those libraries keep
+private:
+
+- the actors' NumPy collect policies (`common/agents/sac.py`, `dqn.py`) read
+  the layers inside the agents' networks, which TF-Agents does not expose;
+- the actors' trajectory writer (`actor/writer.py`) appends steps and creates
+  items through Reverb's C++ writer, skipping the per-step Python and
+  `tf.nest` work of `reverb.TrajectoryWriter` (more than the C++ append, item
+  and flush together).
+
+Each function says what it reads and what breaks if that changes. The parity
+tests in `tests/test_compat.py` compare both paths with the libraries' own
+(the NumPy policies with TF-Agents' policies on the same weights, the writer's
+items with those of TF-Agents' `ReverbAddTrajectoryObserver`): after an
+upgrade, run them first. No other module touches a private attribute of
+TF-Agents or Reverb.
+"""
+
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
+
+import tensorflow as tf
+from tf_agents.agents.sac import tanh_normal_projection_network
+from tf_agents.networks import actor_distribution_network
+from tf_agents.networks import encoding_network
+from tf_agents.networks import q_network
+import tree
+
+# pylint: disable=protected-access
+
+
+def sac_actor_network(agent) -> Any:
+  """A `SacAgent`'s actor network (`SacAgent._actor_network`).
+
+  tf-agents 0.19.0: set in `SacAgent.__init__`, no public accessor. If it is
+  renamed, this raises AttributeError: the NumPy SAC policy and the parity
+  tests fail at once rather than acting with other weights.
+  """
+  return agent._actor_network
+
+
+def dqn_q_network(agent) -> Any:
+  """A `DqnAgent`'s online Q network (`DqnAgent._q_network`).
+
+  tf-agents 0.19.0: set in `DqnAgent.__init__`, no public accessor. If it is
+  renamed, this raises AttributeError (the NumPy DQN policy and the parity
+  tests fail at once).
+  """
+  return agent._q_network
+
+
+class ActorNetworkLayers(NamedTuple):
+  """What a NumPy policy needs of an `ActorDistributionNetwork` with a
+  `TanhNormalProjectionNetwork`: the encoder, the dense layer that projects to
+  [means, log stds], and the transform from its second half to stds."""
+  encoder: Any
+  projection_layer: tf.keras.layers.Layer
+  std_transform: Callable
+
+
+def actor_network_layers(agent) -> Optional[ActorNetworkLayers]:
+  """The layers of a `SacAgent`'s actor network, or None for other networks.
+
+  None unless the network is an `ActorDistributionNetwork` whose one
+  projection is a `TanhNormalProjectionNetwork`. Reads (tf-agents 0.19.0)
+  `ActorDistributionNetwork._encoder` and `._projection_networks`, and
+  `TanhNormalProjectionNetwork._projection_layer` and `._std_transform`. If
+  the projection network changes its math (not a dense layer to [means, log
+  stds] in this order), the NumPy policy would act differently from the TF
+  one: `tests/test_compat.py` compares them on random weights.
+  """
+  net = sac_actor_network(agent)
+  if not isinstance(net, actor_distribution_network.ActorDistributionNetwork):
+    return None
+  projections = tf.nest.flatten(net._projection_networks)
+  if len(projections) != 1 or not isinstance(
+      projections[0],
+      tanh_normal_projection_network.TanhNormalProjectionNetwork):
+    return None
+  projection = projections[0]
+  return ActorNetworkLayers(net._encoder, projection._projection_layer,
+                            projection._std_transform)
+
+
+class QNetworkLayers(NamedTuple):
+  """What a NumPy policy needs of a `QNetwork`: its encoder and the dense
+  layer from the encoding to one Q value per action."""
+  encoder: Any
+  q_value_layer: tf.keras.layers.Layer
+
+
+def q_network_layers(agent) -> Optional[QNetworkLayers]:
+  """The layers of a `DqnAgent`'s Q network, or None when it is no `QNetwork`.
+
+  Reads (tf-agents 0.19.0) `QNetwork._encoder` and `._q_value_layer`; the
+  Q values are `q_value_layer(encoder(observation))`. If that changes, the
+  NumPy DQN policy's Q values differ from TF's: `tests/test_compat.py`
+  compares them.
+  """
+  net = dqn_q_network(agent)
+  if not isinstance(net, q_network.QNetwork):
+    return None
+  return QNetworkLayers(net._encoder, net._q_value_layer)
+
+
+def encoder_postprocessing_layers(
+    encoder) -> Optional[Sequence[tf.keras.layers.Layer]]:
+  """An `EncodingNetwork`'s layers when they are all it applies, else None.
+
+  None for other encoders and for one with preprocessing layers or a
+  preprocessing combiner. Reads (tf-agents 0.19.0)
+  `EncodingNetwork._flat_preprocessing_layers`, `._preprocessing_combiner`
+  and `._postprocessing_layers` (the Flatten / Conv / Dense stack applied in
+  order). If another step is added between them, the NumPy policies would
+  skip it: `tests/test_compat.py` compares them with TF's.
+  """
+  if (not isinstance(encoder, encoding_network.EncodingNetwork) or
+      encoder._flat_preprocessing_layers is not None or
+      encoder._preprocessing_combiner is not None):
+    return None
+  return encoder._postprocessing_layers
+
+
+class DirectTrajectoryWriter:
+  """Appends steps and creates items through a `reverb.TrajectoryWriter`'s
+  C++ writer, keeping its Python history in step.
+
+  `reverb.TrajectoryWriter.append` flattens and reorders each step by path and
+  `create_item` maps `tf.nest` over the history per item; for a fixed
+  structure written step after step, both reduce to the C++ calls used here.
+  The first step goes through the Python writer, which lays out the columns
+  (checked to be in `tree.flatten` order); later steps go to the C++ writer,
+  and their references are appended to the Python writer's column histories
+  too, so its `history`, `flush` and `end_episode` behave as if it had
+  appended them itself.
+
+  Reads (dm-reverb 0.14.0) `TrajectoryWriter._writer` (the pybind
+  `TrajectoryWriter`, its `Append(list)` and `CreateItem(table, priority,
+  columns, squeeze)`), `._path_to_column_index`, `._column_history` and
+  `_ColumnHistory._data_references`. If they change, the first `append`
+  raises (AttributeError, or ValueError for another column order) or the
+  items differ from TF-Agents' observer's: `tests/test_compat.py` and
+  `tests/test_writer.py` check them.
+  """
+
+  def __init__(self, writer):
+    self._writer = writer  # reverb.TrajectoryWriter
+    self._cpp_writer = writer._writer
+    self._columns = None  # The Python writer's column histories, once known.
+    self._squeeze = None
+
+  def append(self, trajectory) -> List[Any]:
+    """Appends one step (the same structure every time); returns its column
+    references in `tree.flatten` order."""
+    if self._columns is not None:
+      refs = self._cpp_writer.Append(tree.flatten(trajectory))
+      for column, ref in zip(self._columns, refs):
+        column.append(ref)
+      return refs
+    writer = self._writer
+    writer.append(trajectory)
+    paths = [path for path, _ in tree.flatten_with_path(trajectory)]
+    if [writer._path_to_column_index.get(p) for p in paths] != list(
+        range(len(paths))):
+      raise ValueError(f'unexpected Reverb column order for {paths}')
+    self._columns = writer._column_history
+    self._squeeze = [False] * len(self._columns)
+    return [column._data_references[-1] for column in self._columns]
+
+  def create_item(self, table: str, priority: float,
+                  columns: List[List[Any]]) -> None:
+    """An item of every column, `columns[c]` the references of column c (no
+    column squeezed: each keeps its time dimension)."""
+    self._cpp_writer.CreateItem(table, priority, columns, self._squeeze)
