@@ -15,7 +15,7 @@ ends when the learner's train_step (read from the variables table) reaches
 
 import dataclasses
 import os
-from typing import Callable, Mapping, Optional, Tuple
+from typing import Callable
 
 from absl import logging
 import reverb
@@ -29,48 +29,13 @@ from actor.writer import StoppableTrajectoryObserver
 from common import agents
 from common import build as build_lib
 from common import config as config_lib
-from common import table_names
-from common import contract
-from common import environments
 from common import outputs
 from common import reverb_connection
 from common import seeds
+from common import table_names
+from variable_container import contract
 from variable_container import one_value
-from variable_container import VariableContainerClient
-
-
-@dataclasses.dataclass(frozen=True)
-class ActorSettings:
-  env_name: str
-  root_dir: str
-  replay_address: str  # The first shard: the max priority (without
-  # variables on every shard).
-  variable_address: str
-  max_train_steps: int
-  task: Optional[int] = 0  # None: take the next free index from the server.
-  num_actors: int = 1
-  initial_collect_steps: int = 10000
-  pull_interval_steps: int = 100
-  envs_per_actor: int = 1
-  env_processes: int = 1  # > 1: each environment in its own subprocess.
-  agent: config_lib.AgentConfig = config_lib.SacConfig()
-  env_options: environments.EnvOptions = environments.EnvOptions()
-  server_timeout_s: float = 300.0
-  log_interval_s: float = 10.0
-  # While blocked by the rate limiter, how often to ask whether training ended.
-  done_check_interval_s: float = 5.0
-  seed: int = 0  # Run seed; environment seeds derive from it.
-  # Every replay shard (empty: replay_address alone); actor i writes to
-  # shard i mod S.
-  replay_shards: Tuple[str, ...] = ()
-  # The run's contract (cluster_flags.run_contract), checked against the
-  # write shard's at connect; None: not checked.
-  contract: Optional[Mapping] = None
-  # No --variable_address: every shard serves the weights and train_step,
-  # and this actor reads them (and the max priority) from its write shard.
-  variables_on_shards: bool = False
-  # An environment step or reset that takes longer ends the actor (exit 2).
-  env_step_timeout_s: float = 60.0
+from variable_container.client import VariableContainerClient
 
 
 def initial_collect_share(total: int, num_actors: int, task: int) -> int:
@@ -79,7 +44,7 @@ def initial_collect_share(total: int, num_actors: int, task: int) -> int:
                                 else 0)
 
 
-def collect(s: ActorSettings,
+def collect(s: config_lib.CollectConfig,
             should_stop: Callable[[], bool] = lambda: False) -> int:
   """Collects until training ends or `should_stop()`; returns env steps."""
   who = 'actor' if s.task is None else f'actor {s.task}'
@@ -103,7 +68,7 @@ def collect(s: ActorSettings,
     lease.stop()
 
 
-def _connect_and_collect(s: ActorSettings, should_stop, who, task,
+def _connect_and_collect(s: config_lib.CollectConfig, should_stop, who, task,
                          write_address) -> int:
   shards = s.replay_shards or (s.replay_address,)
   if len(shards) > 1:
@@ -118,7 +83,7 @@ def _connect_and_collect(s: ActorSettings, should_stop, who, task,
     env.close()
 
 
-def _environments(s: ActorSettings, who: str, task: int):
+def _environments(s: config_lib.CollectConfig, who: str, task: int):
   """One batch of environments (`envs_per_actor` in this process, or in each
   of `env_processes` subprocesses) behind one policy call per step."""
   n = s.envs_per_actor * s.env_processes
@@ -137,8 +102,8 @@ def _environments(s: ActorSettings, who: str, task: int):
       step_timeout_s=s.env_step_timeout_s)
 
 
-def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
-             env) -> int:
+def _collect(s: config_lib.CollectConfig, should_stop, who, task, info,
+             write_address, env) -> int:
   """The random initial share, then the loop with pulled weights."""
   collection = _Collection(s, should_stop, who, task, info, write_address,
                            env)
@@ -152,7 +117,7 @@ def _collect(s: ActorSettings, should_stop, who, task, info, write_address,
   return collection.collector.env_steps
 
 
-def _collect_config(s: ActorSettings, who: str,
+def _collect_config(s: config_lib.CollectConfig, who: str,
                     task: int) -> config_lib.AgentConfig:
   """This actor's agent config: per-actor exploration (e.g. Ape-X's
   epsilons) lives in the agent's config."""
@@ -169,8 +134,8 @@ class _Collection:
   """One actor's collection: its agent and weights, a writer per
   environment, the batch's stepping and the triggers around it."""
 
-  def __init__(self, s: ActorSettings, should_stop, who: str, task: int,
-               info, write_address: str, env):
+  def __init__(self, s: config_lib.CollectConfig, should_stop, who: str,
+               task: int, info, write_address: str, env):
     self._s, self._who, self._task = s, who, task
     # After the environment has loaded: a misspelt --env is named as such.
     contract.check(write_address, s.contract, who, server_info=info)

@@ -12,11 +12,10 @@ to the servers it reads the weights from, for the launcher's progress line.
 What happens after an evaluation is a trigger (`actor.triggers`).
 """
 
-import dataclasses
 import json
 import os
 import time
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -30,45 +29,16 @@ from actor import triggers
 from common import agents
 from common import build as build_lib
 from common import config as config_lib
-from common import contract
 from common import environments
 from common import outputs
 from common import seeds
+from variable_container import contract
 from variable_container import status
-from variable_container import VariableContainerClient
+from variable_container.client import VariableContainerClient
 
 EVAL_DIR = 'eval'
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'returns.png'
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-  env_name: str
-  root_dir: str
-  variable_address: str
-  max_train_steps: int
-  eval_interval: int = 10000
-  num_eval_episodes: int = 20
-  agent: config_lib.AgentConfig = config_lib.SacConfig()
-  env_options: environments.EnvOptions = environments.EnvOptions()
-  server_timeout_s: float = 300.0
-  poll_interval_s: float = 1.0
-  video_episodes: int = 1
-  video_interval: int = 0  # 0: a video at the end of training only.
-  video_size: tuple = (480, 360)
-  # Where to read the transitions collected so far (the replay tables' insert
-  # counts, summed over the shards); empty: not recorded.
-  replay_shards: Tuple[str, ...] = ()
-  seed: int = 0  # Run seed; the evaluation environment's seed derives from it.
-  # The run's contract (cluster_flags.run_contract), checked against each
-  # server the weights are read from; None: not checked.
-  contract: Optional[Mapping] = None
-  # No --variable_address: every replay shard serves the weights; they are
-  # read from the first that answers, and from another when it stops.
-  variables_on_shards: bool = False
-  # An environment step or reset that takes longer ends the evaluator.
-  env_step_timeout_s: float = 60.0
 
 
 def read_metrics(eval_dir: str) -> List[dict]:
@@ -119,7 +89,8 @@ class _FirstAnswering:
   none answering, waits on the last one as `VariableContainerClient` waits.
   """
 
-  def __init__(self, addresses: Sequence[str], variables, s: 'EvalSettings',
+  def __init__(self, addresses: Sequence[str], variables,
+               s: config_lib.EvalConfig,
                should_stop):
     self._addresses = tuple(addresses)
     self._variables = variables
@@ -178,7 +149,7 @@ def _stop_check(should_stop):
   return observe
 
 
-def _weights_addresses(s: EvalSettings) -> Tuple[str, ...]:
+def _weights_addresses(s: config_lib.EvalConfig) -> Tuple[str, ...]:
   """Where the weights are read (and the status published)."""
   if s.variables_on_shards and s.replay_shards:
     return tuple(s.replay_shards)
@@ -212,7 +183,7 @@ class _Evaluation:
   with the weights of the variable container (or the first shard that
   answers)."""
 
-  def __init__(self, s: EvalSettings, eval_dir: str, should_stop):
+  def __init__(self, s: config_lib.EvalConfig, eval_dir: str, should_stop):
     self._s = s
     environments.set_render_size(*s.video_size)
     built = build_lib.build(s.env_name, s.agent, s.env_options,
@@ -255,7 +226,7 @@ class _Evaluation:
                 self._s.env_options.action_repeat, started)
 
 
-def _after_each(s: EvalSettings, evaluation: _Evaluation,
+def _after_each(s: config_lib.EvalConfig, evaluation: _Evaluation,
                 eval_dir: str) -> list:
   """The triggers called with (train_step, row) after every evaluation."""
   return [
@@ -271,7 +242,7 @@ def _after_each(s: EvalSettings, evaluation: _Evaluation,
   ]
 
 
-def evaluate(s: EvalSettings,
+def evaluate(s: config_lib.EvalConfig,
              should_stop: Callable[[], bool] = lambda: False) -> List[dict]:
   """Evaluates until the final train_step is evaluated; returns the rows."""
   eval_dir = outputs.ensure_writable_dir(os.path.join(s.root_dir, EVAL_DIR))
@@ -284,7 +255,7 @@ def evaluate(s: EvalSettings,
     evaluation.env.close()
 
 
-def _evaluate_at_intervals(s: EvalSettings, evaluation: _Evaluation,
+def _evaluate_at_intervals(s: config_lib.EvalConfig, evaluation: _Evaluation,
                            after_each, should_stop) -> List[dict]:
   """The loop: wait for the next train step due, evaluate its weights, then
   the triggers; ends after the final train_step."""

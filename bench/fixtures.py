@@ -274,7 +274,7 @@ def push_weights(env_name: str, address: str):
 
   Returns that agent: its collect policy is the one the actors act with.
   """
-  from variable_container import VariableContainerClient  # pylint: disable=g-import-not-at-top
+  from variable_container.client import VariableContainerClient  # pylint: disable=g-import-not-at-top
   built = build_sac(env_name)
   built.train_step.assign(1)
   VariableContainerClient(address, built.variables, 60).push(built.variables)

@@ -40,7 +40,7 @@ from bench import step_check
 from common import config as config_lib
 from common import table_names
 from launcher.local_cluster import free_port, processes_naming
-from variable_container import VariableContainerClient
+from variable_container.client import VariableContainerClient
 from variable_container import status
 
 OUT = flags.DEFINE_string('out', 'bench/results/run.json',

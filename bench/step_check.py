@@ -52,7 +52,7 @@ def measure(env_name: str, address: str, checks: int = 50) -> dict:
   """Pushes the weights once, then reads the step both ways."""
   from tf_agents.experimental.distributed import reverb_variable_container  # pylint: disable=g-import-not-at-top
   from common import table_names  # pylint: disable=g-import-not-at-top
-  from variable_container import VariableContainerClient  # pylint: disable=g-import-not-at-top
+  from variable_container.client import VariableContainerClient  # pylint: disable=g-import-not-at-top
   built = fixtures.build_sac(env_name)
   variables = built.variables
   built.train_step.assign(123)

@@ -40,7 +40,7 @@ class Setting:
   # --train_steps), by flag name.
   parse: Optional[Callable[[Any], Any]] = None
   resolve: Optional[Callable[[Any, Mapping[str, Any]], Any]] = None
-  # Every process of a run must agree on it (`common.contract`).
+  # Every process of a run must agree on it (`variable_container.contract`).
   contract: bool = False
 
 
@@ -146,9 +146,30 @@ def _task(value: str) -> Optional[int]:
   return int(value)
 
 
+def parse_address(address: str, flag_name: str = 'address') -> str:
+  """Validates `host:port` and returns it unchanged."""
+  host, sep, port = (address or '').rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(f'--{flag_name}={address!r} is not host:port '
+                    '(e.g. localhost:8000)')
+  return address
+
+
+def parse_addresses(addresses: str, flag_name: str = 'address') -> tuple:
+  """Validates a comma-separated list of distinct `host:port`s."""
+  parts = tuple(a.strip() for a in (addresses or '').split(','))
+  for part in parts:
+    if not part:
+      raise UserError(f'--{flag_name}={addresses!r} has an empty entry; '
+                      'expected host:port[,host:port...]')
+    parse_address(part, flag_name)
+  if len(set(parts)) != len(parts):
+    raise UserError(f'--{flag_name}={addresses!r} names a server twice')
+  return parts
+
+
 def _addresses(value: str) -> Tuple[str, ...]:
-  from common import reverb_connection  # pylint: disable=g-import-not-at-top
-  return tuple(reverb_connection.parse_addresses(value, 'replay_address'))
+  return parse_addresses(value, 'replay_address')
 
 
 # --- What is learnt: the agents' hyperparameters.
@@ -333,11 +354,14 @@ class RunConfig:
       'one shard.', flag='replay_address', kind='string',
       flag_default='localhost:8000', parse=_addresses)
   # The first shard: actor indices, max priority, default variables.
-  replay_address: str = derived('', lambda v: _addresses(v['replay_address'])[0],
-                                reads=('replay_address',))
+  replay_address: str = derived(
+      '', lambda v: _addresses(v['replay_address'])[0],
+      reads=('replay_address',))
   variable_address: str = setting(
       '', 'host:port of the variable container; empty: the replay server.',
-      resolve=lambda value, v: value or _addresses(v['replay_address'])[0])
+      resolve=lambda value, v: (parse_address(value, 'variable_address')
+                                if value else
+                                _addresses(v['replay_address'])[0]))
   # No --variable_address: every replay shard serves the variables (the
   # learner pushes to all of them, each actor reads its own).
   variables_on_shards: bool = derived(
@@ -351,7 +375,7 @@ class RunConfig:
   agent: AgentConfig = SacConfig()
   env_options: EnvOptions = EnvOptions()
   # The flags every process of the run must share, checked against each
-  # server's at connect (`common.contract`); None: not checked.
+  # server's at connect (`variable_container.contract`); None: not checked.
   contract: Optional[Mapping] = derived(None, _contract)
 
   @property

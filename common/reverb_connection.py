@@ -14,6 +14,7 @@ from absl import logging
 import reverb
 import tensorflow as tf
 
+from common.config import parse_address
 from common.errors import UserError
 from common.errors import one_line
 
@@ -39,28 +40,6 @@ def is_transient(error: BaseException) -> bool:
     text = str(error).lower()
     return any(words in text for words in _CONNECTION_LOST)
   return False
-
-
-def parse_address(address: str, flag_name: str = 'address') -> str:
-  """Validates `host:port` and returns it unchanged."""
-  host, sep, port = (address or '').rpartition(':')
-  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise UserError(f'--{flag_name}={address!r} is not host:port '
-                    '(e.g. localhost:8000)')
-  return address
-
-
-def parse_addresses(addresses: str, flag_name: str = 'address') -> tuple:
-  """Validates a comma-separated list of distinct `host:port`s."""
-  parts = tuple(a.strip() for a in (addresses or '').split(','))
-  for part in parts:
-    if not part:
-      raise UserError(f'--{flag_name}={addresses!r} has an empty entry; '
-                      'expected host:port[,host:port...]')
-    parse_address(part, flag_name)
-  if len(set(parts)) != len(parts):
-    raise UserError(f'--{flag_name}={addresses!r} names a server twice')
-  return parts
 
 
 def wait_for_server(address: str, timeout_s: float, who: str = 'client',

@@ -26,7 +26,7 @@ STRIDE_LENGTH = 1
 # With --replay=prioritized: the largest priority the learner has written,
 # one float64 item, read by actors so new items enter at the max priority.
 MAX_PRIORITY_TABLE = 'max_priority'
-# The run contract (`common.contract`): the flags every process of a run
+# The run contract (`variable_container.contract`): the flags every process of a run
 # shares, one JSON item the replay server publishes at start.
 CONTRACT_TABLE = 'run_contract'
 

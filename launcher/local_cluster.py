@@ -8,7 +8,6 @@ then killed. Readiness is read from the servers themselves
 """
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -81,23 +80,6 @@ class Cluster:
   def log(self, name: str) -> str:
     with open(self._logs[name][0], errors='replace') as f:
       return f.read()
-
-  def wait_for_log(self, name: str, pattern: str, timeout: float) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-      m = re.search(pattern, self.log(name))
-      if m:
-        return m
-      if self.procs[name].poll() is not None:
-        m = re.search(pattern, self.log(name))
-        if m:
-          return m
-        raise AssertionError(f'{name} exited ({self.procs[name].returncode}) '
-                             f'before logging {pattern!r}:\n'
-                             f'{self.tail(name)}')
-      time.sleep(0.5)
-    raise AssertionError(f'{name} did not log {pattern!r} in {timeout}s:\n'
-                         f'{self.tail(name)}')
 
   def wait_for_server(self, name: str, address: str, timeout: float) -> None:
     """Waits until the Reverb server that process `name` runs at `address`

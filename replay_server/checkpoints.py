@@ -21,7 +21,7 @@ from absl import logging
 import reverb
 import tree
 
-from common import contract as contract_lib
+from variable_container import contract as contract_lib
 from common import outputs
 from common import table_names
 from common.errors import UserError

@@ -15,13 +15,14 @@ from typing import Callable, List, Mapping, Optional, Sequence
 from absl import logging
 import reverb
 
-from common import contract as contract_lib
+from common import config as config_lib
 from common import table_names
 from common.errors import UserError
 from common.errors import one_line
 from replay_server import actor_indices
 from replay_server import checkpoints
 from replay_server import tables as tables_lib
+from variable_container import contract as contract_lib
 
 _LOCAL_HOSTS = ('localhost', '127.0.0.1', '::1', '[::1]', '0.0.0.0')
 
@@ -224,3 +225,30 @@ def serve(tables: List[reverb.Table], port: int, should_stop,
   finally:
     logging.info('stopping server on port %d', server.port)
     server.stop()
+
+
+def run(config: config_lib.ReplayServerConfig, should_stop) -> None:
+  """python -m replay_server: builds the tables `config` names, serves them."""
+  tables = tables_lib.build_tables(
+      config.env_name, config.agent, config.replay,
+      with_variables=config.tables == 'replay_and_variables',
+      env_options=config.env_options)
+  serve(tables, config.port, should_stop,
+        checkpoint_dir=config.checkpoint_dir,
+        checkpoint_interval_s=config.checkpoint_interval_s,
+        actor_lease_grace_s=config.actor_lease_grace_s,
+        contract=config.contract,
+        shard=shard_index(config.shards, config.port, config.replay_shard),
+        num_shards=len(config.shards),
+        actor_lease_timeout_s=config.actor_lease_timeout_s)
+
+
+def run_variables_only(config: config_lib.VariableContainerConfig,
+                       should_stop) -> None:
+  """python -m variable_container: the variables' tables alone."""
+  tables = tables_lib.build_tables(config.env_name, config.agent, replay=None,
+                                   env_options=config.env_options)
+  serve(tables, config.port, should_stop,
+        checkpoint_dir=config.checkpoint_dir,
+        checkpoint_interval_s=config.checkpoint_interval_s,
+        contract=config.contract)

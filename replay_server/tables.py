@@ -14,7 +14,7 @@ import reverb
 from common import agents
 from common import build
 from common import config as config_lib
-from common import contract
+from variable_container import contract
 from common import environments
 from common import table_names
 from variable_container import one_value

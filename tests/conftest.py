@@ -4,7 +4,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-from launcher.local_cluster import Cluster  # pylint: disable=g-import-not-at-top
+from tests.cluster import Cluster  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from common.errors import UserError
 from launcher.local_cluster import TINY, free_port, table_size
 from replay_server import actor_indices
 from replay_server import tables
-from variable_container import VariableContainerClient
+from variable_container.client import VariableContainerClient
 
 
 def _index_server():
@@ -351,7 +351,7 @@ def test_evaluator_reads_weights_from_another_shard_when_one_stops():
     for step, address in zip((5, 7), addresses):
       agent.train_step_counter.assign(step)
       VariableContainerClient(address, variables, 10).push(variables)
-    settings = evaluate.EvalSettings(
+    settings = config_lib.EvalConfig(
         env_name='Pendulum-v1', root_dir='', variable_address=addresses[0],
         max_train_steps=10, agent=sac, server_timeout_s=10,
         replay_shards=tuple(addresses), variables_on_shards=True)

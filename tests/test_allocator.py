@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from common import process
-from launcher.local_cluster import REPO_ROOT, Cluster, free_port
+from launcher.local_cluster import REPO_ROOT, free_port
+from tests.cluster import Cluster
 
 pytestmark = pytest.mark.skipif(
     process.jemalloc_path() is None,

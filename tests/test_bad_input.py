@@ -16,7 +16,7 @@ SERVER_FLAGS = ['--env=Pendulum-v1', '--rate_limiter=min_size',
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
-  from launcher.local_cluster import Cluster  # pylint: disable=g-import-not-at-top
+  from tests.cluster import Cluster  # pylint: disable=g-import-not-at-top
   cluster = Cluster(str(tmp_path_factory.mktemp('server')))
   port = free_port()
   cluster.start('replay_server', 'replay_server',

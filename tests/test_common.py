@@ -19,7 +19,7 @@ from common.errors import UserError
 from launcher.local_cluster import free_port
 from replay_server import actor_indices
 from replay_server import tables
-from variable_container import VariableContainerClient
+from variable_container.client import VariableContainerClient
 
 TINY_SAC = config_lib.SacConfig(actor_fc_layers=(8,), critic_joint_fc_layers=(8,),
                                 batch_size=4)
@@ -133,7 +133,7 @@ def test_signature_mismatch_names_table_and_specs():
 
 def test_variables_round_trip_through_the_container():
   built = tables.build_tables('Pendulum-v1', TINY_SAC, replay=None)
-  # The run's contract table is served too (issue 18, common/contract.py),
+  # The run's contract table is served too (issue 18, variable_container/contract.py),
   # and each role's status (variable_container/status.py).
   assert [t.name for t in built if t.name != 'run_contract' and
           not t.name.startswith('status_')] == ['variables', 'train_step']

@@ -5,9 +5,9 @@ import threading
 import pytest
 import reverb
 
-from common import contract
+from variable_container import contract
 from common.errors import UserError
-from launcher.local_cluster import Cluster
+from tests.cluster import Cluster
 from launcher.local_cluster import free_port
 from replay_server import server as server_lib
 

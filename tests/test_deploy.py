@@ -222,7 +222,7 @@ def test_swarm_stack_parses_and_scales_actors():
 def test_every_cluster_flag_in_the_flagfiles_exists():
   """The flagfiles name only flags the binaries define (absl would refuse)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from common import cluster_flags  # pylint: disable=g-import-not-at-top,unused-import
+  from common import config_flags  # pylint: disable=g-import-not-at-top,unused-import
   known = set(flags.FLAGS)
   for path in ('docker/cluster.flags', 'deploy/k8s/cluster.flags'):
     with open(os.path.join(REPO_ROOT, path)) as f:

@@ -23,7 +23,7 @@ from common import config as config_lib
 from common import table_names
 from common import environments
 from launcher.local_cluster import TINY, free_port, table_size
-from variable_container import VariableContainerClient
+from variable_container.client import VariableContainerClient
 
 
 _PID_SCALE = 2.0**22  # Linux's largest pid_max.

@@ -26,7 +26,7 @@ from learner import dataset as dataset_lib
 from launcher.local_cluster import free_port
 from replay_server import tables
 from tests.test_common import TINY_SAC
-from variable_container import VariableContainerClient
+from variable_container.client import VariableContainerClient
 from variable_container import client as client_lib
 from variable_container import one_value
 

@@ -11,6 +11,8 @@ from absl import flags
 import imageio
 import tensorflow as tf
 
+from common import config as config_lib
+from common import config_flags
 from launcher import __main__ as launcher_main
 from launcher.local_cluster import TINY
 from launcher.local_cluster import processes_naming
@@ -182,7 +184,8 @@ def _server_flags(argv):
   flags.FLAGS(['launcher'] + argv)
   try:
     ports = [8000, 8001][:flags.FLAGS.replay_shards]
-    kids = launcher_main.children(argv, ports, '/runs/r')
+    kids = launcher_main.children(
+        config_flags.build(config_lib.LauncherConfig), argv, ports, '/runs/r')
   finally:
     flags.FLAGS.unparse_flags()
   servers = [kid for kid in kids if kid.module == 'replay_server']

@@ -6,7 +6,7 @@ import sys
 from absl import flags
 import pytest
 
-from common import cluster_flags  # pylint: disable=unused-import  (defines)
+from common import config_flags  # pylint: disable=unused-import  (defines)
 from common import presets
 from common.errors import UserError
 from launcher.local_cluster import REPO_ROOT

@@ -260,7 +260,7 @@ def test_a_third_agent_is_one_module(tmp_path):
   stop = threading.Event()
   try:
     actor = threading.Thread(target=collect_lib.collect, args=(
-        collect_lib.ActorSettings(
+        config_lib.CollectConfig(
             env_name='CartPole-v0', root_dir=str(tmp_path / 'actor'),
             replay_address=address, variable_address=address,
             max_train_steps=60, initial_collect_steps=50,

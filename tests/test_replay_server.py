@@ -14,7 +14,7 @@ import tensorflow as tf
 from common import config as config_lib
 from common import table_names
 from common.errors import UserError
-from launcher.local_cluster import Cluster
+from tests.cluster import Cluster
 from launcher.local_cluster import free_port
 from replay_server import checkpoints as checkpoints_lib
 from replay_server import server as server_lib

@@ -1,8 +1,9 @@
-"""Pushing and pulling policy variables through a Reverb `variables` table.
+"""The policy weights and the one-value tables, client and server side.
 
-`VariableContainerClient` is what the learner and the actors use; `python -m
-variable_container` serves a variables-only table when replay and variables
-live on separate machines.
+`client.VariableContainerClient` pushes and pulls the weights through the
+`variables` table; `one_value` holds the one-item tables (`train_step`,
+`max_priority`, the run contract's storage) and `status` each role's latest
+status; `tables` defines the tables a server serves for them. `python -m
+variable_container` serves them alone, when replay and variables live on
+separate machines.
 """
-
-from variable_container.client import VariableContainerClient  # pylint: disable=unused-import

@@ -2,22 +2,16 @@
 
 from common import process  # Must precede TensorFlow imports.
 
-from common import cluster_flags
+from common import config as config_lib
+from common import config_flags
 
 
 def main(_):
-  # pylint: disable=g-import-not-at-top
-  from replay_server import server
-  from replay_server import tables as tables_lib
-  # pylint: enable=g-import-not-at-top
-  stop = process.StopRequest().install()
-  tables = tables_lib.build_tables(cluster_flags.ENV.value,
-                                   cluster_flags.agent_config(), replay=None,
-                                   env_options=cluster_flags.env_options())
-  server.serve(tables, cluster_flags.PORT.value, stop,
-               checkpoint_dir=cluster_flags.CHECKPOINT_DIR.value,
-               checkpoint_interval_s=cluster_flags.CHECKPOINT_INTERVAL_S.value,
-               contract=cluster_flags.run_contract())
+  # The variable container runs the replay server's serve loop (checkpoints,
+  # contract) over its own tables.
+  from replay_server import server  # pylint: disable=g-import-not-at-top
+  config = config_flags.build(config_lib.VariableContainerConfig)
+  server.run_variables_only(config, process.StopRequest().install())
 
 
 if __name__ == '__main__':

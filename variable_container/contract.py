@@ -1,6 +1,7 @@
 """The run contract: the flags every process of one run must share.
 
-The replay server publishes its flags' contract (`cluster_flags.run_contract`)
+The replay server publishes its run contract (the settings declared with
+`contract=True` in common/config.py)
 in a one-item table of its own; every client compares its own with it at
 connect. Table signatures only catch dtypes and shapes: processes with
 another `--gamma`, `--action_repeat` or `--replay` would connect and train on
