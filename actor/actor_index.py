@@ -11,7 +11,7 @@ side is `replay_server.actor_indices`.
 
 import threading
 import time
-from typing import List, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 from absl import logging
 import reverb
@@ -43,6 +43,100 @@ def _free_counts(addresses: Sequence[str]) -> List:
   return counts
 
 
+class _Claim:
+  """One claim in progress: the shard asked and the taker waiting on it.
+
+  Reverb's Python sampler takes exactly one item from the queue, but it has
+  no timeout: it runs in a thread (`taker`) this claim stops waiting for. (If
+  it is still blocked then and gets an index later, that index is never
+  renewed, and its lease expires: never handed out twice.)
+  """
+
+  def __init__(self, addresses: Sequence[str], timeout_s: float):
+    self.addresses = addresses
+    self.timeout_s = timeout_s
+    self.start = time.monotonic()
+    self.taker = None
+    self.source = None
+
+  def elapsed(self) -> float:
+    return time.monotonic() - self.start
+
+  def taken(self) -> Optional[int]:
+    """The index the taker got, checked; None while it has none."""
+    if self.taker is not None and self.taker.result:
+      return self._checked(self.taker.result[0])
+    return None
+
+  def _checked(self, index: int) -> int:
+    # A server started without the whole --replay_address list hands out
+    # every index: two actors would share one (its shard and its seeds).
+    owner = table_names.shard_of(index, len(self.addresses))
+    if len(self.addresses) > 1 and owner != self.source:
+      raise UserError(
+          f'--task=auto: shard {self.source} ({self.addresses[self.source]}) '
+          f'handed out index {index}, which belongs to shard {owner}: start '
+          'every replay server with the whole --replay_address list (and '
+          '--replay_shard=<its position> where it cannot tell)')
+    return index
+
+  def drop_lost_taker(self, counts: List) -> None:
+    """Forgets a taker that failed, or whose shard stopped answering."""
+    if self.taker is not None and not self.taker.is_alive():
+      logging.warning('actor: taking an index from %s failed (%s); trying '
+                      'again', self.addresses[self.source], self.taker.error)
+      self.taker = None
+      time.sleep(1.0)
+    elif self.taker is not None and counts[self.source] is None:
+      logging.warning('actor: %s stopped answering while handing out an '
+                      'index; asking another shard',
+                      self.addresses[self.source])
+      self.taker = None
+
+  def ask(self, counts: List, answering: List[int]) -> None:
+    """Starts a taker on the answering shard with the most free indices."""
+    # A shard that has not queued its indices yet (its start-up grace) would
+    # leave every actor to the others: wait a little for it.
+    settling = (any(counts[k] == 0 for k in answering) and
+                self.elapsed() < _SHARDS_SETTLE_S)
+    if self.taker is None and answering and not settling:
+      # max() keeps the first of equal counts: the lower shard.
+      self.source = max(answering, key=lambda k: counts[k])
+      self.taker = one_value.OneItemTaker(self.addresses[self.source],
+                                          table_names.ACTOR_ID_TABLE)
+
+  def wait(self) -> Optional[int]:
+    """Waits a few seconds (at most what is left) for the taker's index."""
+    wait = max(0.0, min(5.0, self.timeout_s - self.elapsed()))
+    if self.taker is not None:
+      self.taker.join(wait)
+      return self.taken()
+    time.sleep(min(1.0, wait))
+    return None
+
+
+def _give_up_or_log(claim: _Claim, answering: List[int],
+                    should_stop: Callable[[], bool]) -> None:
+  """Raises past the claim's timeout or once stopped; else logs the wait."""
+  elapsed = claim.elapsed()
+  where = ', '.join(claim.addresses)
+  if elapsed >= claim.timeout_s:
+    raise UserError(
+        f'--task=auto: no free actor index from {where} within '
+        f'{claim.timeout_s:g}s (all {table_names.MAX_ACTOR_IDS} taken, or no '
+        'server is handing them out); give --task=<index> or raise '
+        '--server_timeout_s')
+  if should_stop():
+    raise UserError(f'stopped while waiting for an actor index from '
+                    f'{where}')
+  if answering:
+    logging.info('actor: waiting for a free actor index from %s (%.0fs of '
+                 '%gs)', where, elapsed, claim.timeout_s)
+  else:
+    logging.info('actor: waiting for Reverb server at %s (%.0fs of %gs), '
+                 'for a free actor index', where, elapsed, claim.timeout_s)
+
+
 def claim_actor_id(addresses: Union[str, Sequence[str]],
                    timeout_s: float = 300.0,
                    should_stop=lambda: False) -> int:
@@ -56,74 +150,19 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
   """
   if isinstance(addresses, str):
     addresses = (addresses,)
-  addresses = tuple(addresses)
-  # Reverb's Python sampler takes exactly one item from the queue, but it
-  # has no timeout: it runs in a thread this call stops waiting for. (If it
-  # is still blocked then and gets an index later, that index is never
-  # renewed, and its lease expires: never handed out twice.)
-  start = time.monotonic()
-  taker, source = None, None
-
-  def checked(index: int) -> int:
-    # A server started without the whole --replay_address list hands out
-    # every index: two actors would share one (its shard and its seeds).
-    owner = table_names.shard_of(index, len(addresses))
-    if len(addresses) > 1 and owner != source:
-      raise UserError(
-          f'--task=auto: shard {source} ({addresses[source]}) handed out '
-          f'index {index}, which belongs to shard {owner}: start every replay '
-          'server with the whole --replay_address list (and '
-          '--replay_shard=<its position> where it cannot tell)')
-    return index
-
+  claim = _Claim(tuple(addresses), timeout_s)
   while True:
-    if taker is not None and taker.result:
-      return checked(taker.result[0])
-    counts = _free_counts(addresses)
+    index = claim.taken()
+    if index is not None:
+      return index
+    counts = _free_counts(claim.addresses)
     answering = [k for k, n in enumerate(counts) if n is not None]
-    if taker is not None and not taker.is_alive():
-      logging.warning('actor: taking an index from %s failed (%s); trying '
-                      'again', addresses[source], taker.error)
-      taker = None
-      time.sleep(1.0)
-    elif taker is not None and counts[source] is None:
-      logging.warning('actor: %s stopped answering while handing out an '
-                      'index; asking another shard', addresses[source])
-      taker = None
-    # A shard that has not queued its indices yet (its start-up grace) would
-    # leave every actor to the others: wait a little for it.
-    settling = (any(counts[k] == 0 for k in answering) and
-                time.monotonic() - start < _SHARDS_SETTLE_S)
-    if taker is None and answering and not settling:
-      # max() keeps the first of equal counts: the lower shard.
-      source = max(answering, key=lambda k: counts[k])
-      taker = one_value.OneItemTaker(addresses[source],
-                                     table_names.ACTOR_ID_TABLE)
-    elapsed = time.monotonic() - start
-    wait = max(0.0, min(5.0, timeout_s - elapsed))
-    if taker is not None:
-      taker.join(wait)
-      if taker.result:
-        return checked(taker.result[0])
-    else:
-      time.sleep(min(1.0, wait))
-    elapsed = time.monotonic() - start
-    where = ', '.join(addresses)
-    if elapsed >= timeout_s:
-      raise UserError(
-          f'--task=auto: no free actor index from {where} within '
-          f'{timeout_s:g}s (all {table_names.MAX_ACTOR_IDS} taken, or no '
-          'server is handing them out); give --task=<index> or raise '
-          '--server_timeout_s')
-    if should_stop():
-      raise UserError(f'stopped while waiting for an actor index from '
-                      f'{where}')
-    if answering:
-      logging.info('actor: waiting for a free actor index from %s (%.0fs of '
-                   '%gs)', where, elapsed, timeout_s)
-    else:
-      logging.info('actor: waiting for Reverb server at %s (%.0fs of %gs), '
-                   'for a free actor index', where, elapsed, timeout_s)
+    claim.drop_lost_taker(counts)
+    claim.ask(counts, answering)
+    index = claim.wait()
+    if index is not None:
+      return index
+    _give_up_or_log(claim, answering, should_stop)
 
 
 class ActorLease:

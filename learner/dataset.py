@@ -7,6 +7,7 @@ project's 2-core machine it serves about 3.7 times the batches/s of
 measured by `bench/run.py` (see BENCHMARKS.md).
 """
 
+import functools
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -34,6 +35,54 @@ def _signature(addresses: Sequence[str], table: str):
   raise error
 
 
+def _stream(server, table: str, shapes, dtypes, batch_size: int,
+            rate_limiter_timeout_ms: int) -> tf.data.Dataset:
+  """One Reverb stream of items from `server`."""
+  return reverb.TrajectoryDataset(
+      server_address=server, table=table, shapes=shapes, dtypes=dtypes,
+      max_in_flight_samples_per_worker=2 * batch_size,
+      # A stream per batch: the server and this client pay less per item
+      # (about 1.8x the batches/s of unbounded streams, BENCHMARKS.md),
+      # and with shards the streams spread evenly over them.
+      max_samples_per_stream=batch_size,
+      rate_limiter_timeout_ms=rate_limiter_timeout_ms)
+
+
+def _go_on(_, keep_going: Callable[[], bool]):
+  flag = tf.py_function(lambda: bool(keep_going()), [], tf.bool)
+  return tf.reshape(flag, [])
+
+
+def _reader(server, stream: Callable, batch_size: int,
+            keep_going: Optional[Callable[[], bool]]) -> tf.data.Dataset:
+  """One reader: whole batches of `server`'s items."""
+  if keep_going is None:
+    items = stream(server)
+  else:
+    # One stream after another, while keep_going(): a stream ends only
+    # when it waited rate_limiter_timeout_ms for nothing.
+    items = tf.data.Dataset.from_tensors(server).repeat().take_while(
+        functools.partial(_go_on, keep_going=keep_going)).flat_map(stream)
+  return items.batch(batch_size, drop_remainder=True)
+
+
+def _repack(sample, data_spec, batch_size: int, sequence_length: int,
+            alive_bonus: float):
+  """`(experience, sample_info)` of one batch, `experience` in `data_spec`."""
+  # The table's signature has the spec's layout but neither its Python
+  # types (Trajectory, TimeStep) nor a fixed time dimension; restore both.
+  tensors = [
+      tf.ensure_shape(t, [batch_size, sequence_length] + list(spec.shape))
+      for t, spec in zip(tf.nest.flatten(sample.data),
+                         tf.nest.flatten(data_spec))]
+  experience = tf.nest.pack_sequence_as(data_spec, tensors)
+  if alive_bonus:
+    alive = tf.cast(experience.discount > 0, experience.reward.dtype)
+    experience = experience._replace(
+        reward=experience.reward + alive_bonus * alive)
+  return experience, sample.info
+
+
 def experience_dataset(address: Union[str, Sequence[str]], table: str,
                        data_spec, batch_size: int,
                        sequence_length: int, parallel_readers: int = 2,
@@ -59,50 +108,19 @@ def experience_dataset(address: Union[str, Sequence[str]], table: str,
   above 0 (the episode goes on, or was cut by a time limit), not to those
   that end it; the table keeps the environment's own rewards.
   """
-
   addresses = [address] if isinstance(address, str) else list(address)
   signature = _signature(addresses, table)
-  shapes = tf.nest.map_structure(lambda x: x.shape, signature)
-  dtypes = tf.nest.map_structure(lambda x: x.dtype, signature)
-
-  def stream(server):
-    return reverb.TrajectoryDataset(
-        server_address=server, table=table, shapes=shapes, dtypes=dtypes,
-        max_in_flight_samples_per_worker=2 * batch_size,
-        # A stream per batch: the server and this client pay less per item
-        # (about 1.8x the batches/s of unbounded streams, BENCHMARKS.md),
-        # and with shards the streams spread evenly over them.
-        max_samples_per_stream=batch_size,
-        rate_limiter_timeout_ms=rate_limiter_timeout_ms)
-
-  def go_on(_):
-    flag = tf.py_function(lambda: bool(keep_going()), [], tf.bool)
-    return tf.reshape(flag, [])
-
-  def reader(server):
-    if keep_going is None:
-      items = stream(server)
-    else:
-      # One stream after another, while keep_going(): a stream ends only
-      # when it waited rate_limiter_timeout_ms for nothing.
-      items = tf.data.Dataset.from_tensors(server).repeat().take_while(
-          go_on).flat_map(stream)
-    return items.batch(batch_size, drop_remainder=True)
-
-  def repack(sample):
-    # The table's signature has the spec's layout but neither its Python
-    # types (Trajectory, TimeStep) nor a fixed time dimension; restore both.
-    tensors = [
-        tf.ensure_shape(t, [batch_size, sequence_length] + list(spec.shape))
-        for t, spec in zip(tf.nest.flatten(sample.data),
-                           tf.nest.flatten(data_spec))]
-    experience = tf.nest.pack_sequence_as(data_spec, tensors)
-    if alive_bonus:
-      alive = tf.cast(experience.discount > 0, experience.reward.dtype)
-      experience = experience._replace(
-          reward=experience.reward + alive_bonus * alive)
-    return experience, sample.info
-
+  stream = functools.partial(
+      _stream, table=table,
+      shapes=tf.nest.map_structure(lambda x: x.shape, signature),
+      dtypes=tf.nest.map_structure(lambda x: x.dtype, signature),
+      batch_size=batch_size, rate_limiter_timeout_ms=rate_limiter_timeout_ms)
+  reader = functools.partial(_reader, stream=stream, batch_size=batch_size,
+                             keep_going=keep_going)
+  repack = functools.partial(_repack, data_spec=data_spec,
+                             batch_size=batch_size,
+                             sequence_length=sequence_length,
+                             alive_bonus=alive_bonus)
   servers = [a for a in addresses for _ in range(parallel_readers)]
   dataset = tf.data.Dataset.from_tensor_slices(servers).interleave(
       reader, cycle_length=len(servers),

@@ -5,6 +5,7 @@ import tensorflow as tf
 from tf_agents.train.utils import strategy_utils
 
 from common.errors import UserError
+from common.errors import one_line
 
 
 def split_cpu(num_devices: int) -> None:
@@ -35,6 +36,6 @@ def make_strategy(name: str, tpu: str = '') -> tf.distribute.Strategy:
     try:
       return strategy_utils.get_strategy(tpu=tpu, use_gpu=False)
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f'cannot connect to TPU {tpu!r}: '
-                      f'{str(e).splitlines()[0][:160]}') from None
+      raise UserError(f'cannot connect to TPU {tpu!r}: {one_line(e)}'
+                      ) from None
   raise UserError(f'unknown --strategy={name!r}; use default, mirrored or tpu')

@@ -23,7 +23,6 @@ from tf_agents.train import triggers as tfa_triggers
 from common import agents
 from common import build as build_lib
 from common import config as config_lib
-from common import contract
 from common import environments
 from common import outputs
 from common import process
@@ -36,8 +35,8 @@ from learner import priorities as priorities_lib
 from learner import run_record
 from learner import train_step as train_step_lib
 from learner import triggers
-from variable_container import VariableContainerClient
 from variable_container import client as variable_client
+from variable_container import contract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +267,7 @@ def _connect_variables(s: LearnerSettings, variables, should_stop):
   if s.variables_on_shards and len(s.shards) > 1:
     return variable_client.ShardedVariablePusher(
         s.shards, variables, s.server_timeout_s, 'learner', should_stop)
-  return VariableContainerClient(
+  return variable_client.VariableContainerClient(
       s.variable_address, variables, s.server_timeout_s, 'learner',
       should_stop)
 

@@ -86,7 +86,7 @@ def test_serve_publishes_its_contract():
 
 
 def test_replay_server_process_publishes_the_flags_contract(tmp_path):
-  """`python -m replay_server` publishes `cluster_flags.run_contract()`."""
+  """`python -m replay_server` publishes the run contract (RunConfig.contract)."""
   cluster = Cluster(str(tmp_path))
   port = free_port()
   try:

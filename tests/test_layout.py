@@ -16,12 +16,16 @@ PROCESS_PACKAGES = ('actor', 'learner', 'replay_server', 'variable_container',
 PACKAGES = PROCESS_PACKAGES + ('common', 'bench')
 # The one module that may touch private attributes of TF-Agents and Reverb.
 COMPAT = 'common/compat.py'
-# Public client modules of a process package, for the other roles to use
-# (as `reverb.client` is Reverb's); anything else of a process package is
-# its own.
-PUBLIC = {'variable_container', 'variable_container.client', 'variable_container.status',
-          'variable_container.one_value', 'variable_container.contract',
-          'launcher.local_cluster'}
+# Public modules of a process package, for the other roles to use (as
+# `reverb.client` is Reverb's): the variable container's clients and table
+# definitions (every replay shard serves the variables too), the replay
+# server's serve loop (the variable container runs it over its own tables),
+# the localhost cluster fixture (tests and bench). Anything else of a
+# process package is its own.
+PUBLIC = {'variable_container', 'variable_container.client',
+          'variable_container.status', 'variable_container.one_value',
+          'variable_container.contract', 'variable_container.tables',
+          'replay_server.server', 'launcher.local_cluster'}
 # Underscore names that are public API (os._exit, namedtuple methods).
 PUBLIC_UNDERSCORE = {'_exit', '_replace', '_asdict', '_fields', '_make'}
 # A function of a process package reads in one screen.
