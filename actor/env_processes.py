@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from common import config as config_lib
 from common import environments
 from common import errors
 from common import process
@@ -55,7 +56,7 @@ def item(batch, i):
 
 
 def _load(env_name: str, seeds: Sequence[int],
-          options: environments.EnvOptions):
+          options: config_lib.EnvOptions):
   from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
   return [wrappers.RunStats(environments.load_environment(
       env_name, seed=seed, options=options)) for seed in seeds]
@@ -128,7 +129,7 @@ class InProcessEnvironments:
   """Environments stepped one after another in the actor's own process."""
 
   def __init__(self, env_name: str, seeds: Sequence[int],
-               options: environments.EnvOptions,
+               options: config_lib.EnvOptions,
                step_timeout_s: Optional[float] = None):
     self._envs = _load(env_name, seeds, options)
     if step_timeout_s:
@@ -190,7 +191,7 @@ def _failure(error: BaseException) -> str:
 
 
 def _serve(conn, parent_pid: int, env_name: str, seeds: Sequence[int],
-           options: environments.EnvOptions) -> None:
+           options: config_lib.EnvOptions) -> None:
   """A subprocess's loop: steps its environments for the actor."""
   # Dies with the actor however it dies (Linux; elsewhere on the pipe's EOF);
   # SIGKILL, as this process ignores SIGTERM.
@@ -239,7 +240,7 @@ class EnvironmentProcesses:
   """
 
   def __init__(self, env_name: str, seeds_per_process: Sequence[Sequence[int]],
-               options: environments.EnvOptions,
+               options: config_lib.EnvOptions,
                step_timeout_s: Optional[float] = None):
     context = multiprocessing.get_context('spawn')
     self._env_name = env_name

@@ -46,6 +46,7 @@ from absl import logging
 import numpy as np
 
 from bench import fixtures
+from common import config as config_lib
 
 
 @contextlib.contextmanager
@@ -63,11 +64,10 @@ def actor_env_options(env_name):
   """The wrappers an actor started with no flags but --env puts on it: its
   --preset=auto's (Minitaur: --action_repeat=4, so one env step of an actor
   is 4 simulator steps)."""
-  from common import environments  # pylint: disable=g-import-not-at-top
   from common import presets  # pylint: disable=g-import-not-at-top
   name = presets.resolve('auto', env_name)
   values = presets.read(name) if name else {}
-  return environments.EnvOptions(
+  return config_lib.EnvOptions(
       max_episode_steps=int(values.get('max_episode_steps', 0)),
       action_repeat=int(values.get('action_repeat', 1)))
 

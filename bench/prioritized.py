@@ -41,7 +41,7 @@ def measure(env_name: str, workdir: str, train_steps: int = 1000,
       fixtures.fill(addresses[kind], agent, items)
     for i in range(rounds):
       for kind in rates:
-        settings = train_lib.LearnerSettings(
+        settings = config_lib.LearnerConfig(
             env_name=env_name, root_dir=f'{workdir}/{kind}_{i}',
             replay_address=addresses[kind], variable_address=addresses[kind],
             train_steps=train_steps, agent=SAC, policy_save_interval=10**9,

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import tensorflow as tf
 from tf_agents.train.utils import train_utils
 
+from common import config as config_lib
 from common import agents
 from common import environments
 from common.config import AgentConfig
@@ -30,7 +31,7 @@ class Built:
 
 
 def build(env_name: str, agent_config: AgentConfig,
-          env_options: environments.EnvOptions = environments.EnvOptions(),
+          env_options: config_lib.EnvOptions = config_lib.EnvOptions(),
           *, env=None, seed: Optional[int] = None, keep_env: bool = False,
           strategy: Optional[tf.distribute.Strategy] = None) -> Built:
   """Builds the agent `agent_config` names for `env_name`'s specs.

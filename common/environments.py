@@ -7,13 +7,13 @@ A name is one of:
     environment.
 """
 
-import dataclasses
 import difflib
 import functools
 import importlib
 import os
 from typing import Optional
 
+from common.config import EnvOptions
 from common.errors import UserError
 from common.errors import one_line
 
@@ -70,16 +70,6 @@ def _load_factory(name: str):
     return gym_wrapper.GymWrapper(env)
   raise UserError(f'--env={name}: {attr}() returned {type(env).__name__}, '
                   'expected a tf_agents PyEnvironment or a gym.Env')
-
-
-@dataclasses.dataclass(frozen=True)
-class EnvOptions:
-  """Wrappers and checks applied to every environment a process loads."""
-  max_episode_steps: int = 0  # 0: the environment's own limit (TimeLimit).
-  discretize_actions: int = 0  # N > 1: ActionDiscretizeWrapper, N per dim.
-  # k > 1: each action is applied for k environment steps (rewards summed).
-  action_repeat: int = 1
-  validate_episodes: int = 0  # validate_py_environment over this many.
 
 
 def load_environment(name: str, seed: Optional[int] = None,

@@ -12,7 +12,7 @@ published to the servers as status data). `_finish` writes the final state.
 import dataclasses
 import os
 import time
-from typing import Callable, Mapping, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from absl import logging
 import reverb
@@ -23,7 +23,6 @@ from tf_agents.train import triggers as tfa_triggers
 from common import agents
 from common import build as build_lib
 from common import config as config_lib
-from common import environments
 from common import outputs
 from common import process
 from common import reverb_connection
@@ -39,54 +38,6 @@ from variable_container import client as variable_client
 from variable_container import contract
 
 
-@dataclasses.dataclass(frozen=True)
-class LearnerSettings:
-  env_name: str
-  root_dir: str
-  replay_address: str  # The first shard: max priority.
-  variable_address: str
-  train_steps: int
-  agent: config_lib.AgentConfig = config_lib.SacConfig()
-  env_options: environments.EnvOptions = environments.EnvOptions()
-  push_interval_steps: int = 100
-  iterations_per_call: int = 10
-  checkpoint_interval_steps: int = 10000
-  policy_save_interval: int = 5000
-  summary_interval: int = 100
-  server_timeout_s: float = 300.0
-  log_interval_s: float = 10.0
-  # Prefetched batches: the sampler keeps this many ready ahead of training.
-  prefetch_batches: int = 8
-  sample_parallel_readers: int = 2
-  # A sample waits at most this long for the rate limiter; then the loop
-  # regains control (to log why it waits, or to stop) and samples again.
-  sample_timeout_ms: int = 1000
-  # Added to the reward of every sampled transition after which the episode
-  # goes on (discount > 0): a survival bonus in the training objective only.
-  alive_bonus: float = 0.0
-  # The table is prioritized: train with importance-sampling weights (their
-  # exponent annealed from this to 1 over training) and write |TD error|
-  # priorities back.
-  prioritized: bool = False
-  importance_sampling_exponent: float = 0.4
-  # Every replay shard (empty: replay_address alone); each batch comes from
-  # one of them, all are sampled.
-  replay_shards: Tuple[str, ...] = ()
-  # Recorded with the checkpoints (run_settings.json): a rerun with another
-  # seed is another run.
-  seed: int = 0
-  # The flags every process of the run must share (cluster_flags
-  # .run_contract()), checked against each shard's; None: not checked.
-  contract: Optional[Mapping] = None
-  # Every replay shard serves the variables (no --variable_address): with
-  # several shards, weights and train_step go to each of them.
-  variables_on_shards: bool = False
-
-  @property
-  def shards(self) -> Tuple[str, ...]:
-    return self.replay_shards or (self.replay_address,)
-
-
 @dataclasses.dataclass
 class LearnerResult:
   train_step: int
@@ -95,7 +46,7 @@ class LearnerResult:
   steps_per_second: float
 
 
-def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
+def train(settings: config_lib.LearnerConfig, strategy: tf.distribute.Strategy,
           should_stop: Callable[[], bool] = lambda: False) -> LearnerResult:
   """Trains until `settings.train_steps` or `should_stop()`; returns a summary."""
   s = settings
@@ -143,7 +94,7 @@ def train(settings: LearnerSettings, strategy: tf.distribute.Strategy,
     publisher.stop()
 
 
-def _train_loop(s: LearnerSettings, calls: train_step_lib.TrainCalls,
+def _train_loop(s: config_lib.LearnerConfig, calls: train_step_lib.TrainCalls,
                 loop_triggers, push: triggers.PushWeights,
                 train_step: tf.Variable, should_stop) -> int:
   """Sample and train, then every trigger; returns the last train step."""
@@ -161,7 +112,7 @@ def _train_loop(s: LearnerSettings, calls: train_step_lib.TrainCalls,
   return step
 
 
-def _finish(s: LearnerSettings, checkpoints: run_record.Checkpoints,
+def _finish(s: config_lib.LearnerConfig, checkpoints: run_record.Checkpoints,
             container, variables, publisher: triggers.StatusPublisher,
             progress_line: triggers.ProgressLine, step: int, start_step: int,
             loss: float) -> LearnerResult:
@@ -188,7 +139,7 @@ def _finish(s: LearnerSettings, checkpoints: run_record.Checkpoints,
   return LearnerResult(step, start_step, loss, rate)
 
 
-def _build(s: LearnerSettings, strategy: tf.distribute.Strategy
+def _build(s: config_lib.LearnerConfig, strategy: tf.distribute.Strategy
            ) -> Tuple[build_lib.Built, dict, bool]:
   """The agent, its run settings, and whether they are recorded already.
 
@@ -211,14 +162,14 @@ def _build(s: LearnerSettings, strategy: tf.distribute.Strategy
   return built, run_settings, recorded
 
 
-def _wait_for_shards(s: LearnerSettings, should_stop) -> list:
+def _wait_for_shards(s: config_lib.LearnerConfig, should_stop) -> list:
   """Waits for every replay shard; returns their server infos."""
   return [reverb_connection.wait_for_server(address, s.server_timeout_s,
                                             'learner', should_stop)
           for address in s.shards]
 
 
-def _check_shards(s: LearnerSettings, agent, should_stop) -> None:
+def _check_shards(s: config_lib.LearnerConfig, agent, should_stop) -> None:
   """Every replay shard answers, with this agent's items and this run's
   contract; logs the allocator and the shards sampled."""
   for address, info in zip(s.shards, _wait_for_shards(s, should_stop)):
@@ -235,7 +186,7 @@ def _check_shards(s: LearnerSettings, agent, should_stop) -> None:
                  len(s.shards), ', '.join(s.shards))
 
 
-def _wait_for_any_shard(s: LearnerSettings, should_stop) -> None:
+def _wait_for_any_shard(s: config_lib.LearnerConfig, should_stop) -> None:
   """Waits until one replay shard answers (with one shard: that one).
 
   The pipeline samples the shards that answer, so one that is down must not
@@ -261,7 +212,7 @@ def _wait_for_any_shard(s: LearnerSettings, should_stop) -> None:
     time.sleep(1.0)
 
 
-def _connect_variables(s: LearnerSettings, variables, should_stop):
+def _connect_variables(s: config_lib.LearnerConfig, variables, should_stop):
   """The client the weights are pushed with: every shard's variables, or the
   one server's (one address, or an explicit --variable_address)."""
   if s.variables_on_shards and len(s.shards) > 1:
@@ -272,7 +223,8 @@ def _connect_variables(s: LearnerSettings, variables, should_stop):
       should_stop)
 
 
-def _priority_updater(s: LearnerSettings, strategy: tf.distribute.Strategy
+def _priority_updater(s: config_lib.LearnerConfig,
+                      strategy: tf.distribute.Strategy
                       ) -> Optional[priorities_lib.PriorityUpdater]:
   """With a prioritized table: the thread that writes priorities back."""
   if not s.prioritized:
@@ -294,7 +246,8 @@ def _stop_updater(updater: Optional[priorities_lib.PriorityUpdater]) -> None:
                if updater.non_finite else '')
 
 
-def _experience_dataset(s: LearnerSettings, strategy, built: build_lib.Built,
+def _experience_dataset(s: config_lib.LearnerConfig, strategy,
+                        built: build_lib.Built,
                         should_stop) -> tf.data.Dataset:
   """One replica's `(experience, sample_info)` batches from every shard."""
   return dataset_lib.experience_dataset(
@@ -308,14 +261,14 @@ def _experience_dataset(s: LearnerSettings, strategy, built: build_lib.Built,
       keep_going=lambda: not should_stop())
 
 
-def _new_iterator(s: LearnerSettings, strategy, built: build_lib.Built,
+def _new_iterator(s: config_lib.LearnerConfig, strategy, built: build_lib.Built,
                   should_stop):
   """A fresh pipeline (after a server was lost, or a pipeline ended)."""
   return iter(strategy.distribute_datasets_from_function(
       lambda _: _experience_dataset(s, strategy, built, should_stop)))
 
 
-def _make_learner(s: LearnerSettings, strategy: tf.distribute.Strategy,
+def _make_learner(s: config_lib.LearnerConfig, strategy: tf.distribute.Strategy,
                   built: build_lib.Built,
                   updater: Optional[priorities_lib.PriorityUpdater],
                   should_stop) -> Tuple[train_step_lib.Learner, Optional[str]]:
@@ -349,7 +302,7 @@ def _make_learner(s: LearnerSettings, strategy: tf.distribute.Strategy,
   return learner, restored
 
 
-def _restore(s: LearnerSettings, built: build_lib.Built,
+def _restore(s: config_lib.LearnerConfig, built: build_lib.Built,
              restored: Optional[str], run_settings: dict,
              recorded: bool) -> run_record.Checkpoints:
   """The checkpoints, once the Learner restored `restored` (checked here);
@@ -365,7 +318,7 @@ def _restore(s: LearnerSettings, built: build_lib.Built,
   return checkpoints
 
 
-def _policy_saver(s: LearnerSettings, built: build_lib.Built,
+def _policy_saver(s: config_lib.LearnerConfig, built: build_lib.Built,
                   start_step: int) -> tfa_triggers.PolicySavedModelTrigger:
   """TF-Agents' policy SavedModels (written now, if not there yet); their
   weights are saved by `triggers.SavePolicy`."""
@@ -382,7 +335,7 @@ def _policy_saver(s: LearnerSettings, built: build_lib.Built,
                     '--root_dir or give another one') from None
 
 
-def _push_initial_weights(s: LearnerSettings, container, variables,
+def _push_initial_weights(s: config_lib.LearnerConfig, container, variables,
                           start_step: int, replicas: int) -> None:
   """This learner's weights to the servers before its first step."""
   published = container.latest_train_step()

@@ -15,7 +15,6 @@ from common import agents
 from common import build
 from common import config as config_lib
 from variable_container import contract
-from common import environments
 from common import table_names
 from variable_container import one_value
 from variable_container import status
@@ -76,8 +75,8 @@ def actor_lease_table() -> reverb.Table:
 def build_tables(env_name: str, agent_config: config_lib.AgentConfig,
                  replay: Optional[config_lib.ReplayConfig],
                  with_variables: bool = True,
-                 env_options: environments.EnvOptions = (
-                     environments.EnvOptions())) -> List[reverb.Table]:
+                 env_options: config_lib.EnvOptions = (
+                     config_lib.EnvOptions())) -> List[reverb.Table]:
   """The tables for `env_name`; `replay=None` builds the variables' only."""
   built = build.build(env_name, agent_config, env_options)
   # Always served (even when no contract is published), so that a checkpoint

@@ -243,7 +243,7 @@ def test_collector_ends_every_episode_at_its_last_step(env_name):
   from actor import env_loop  # pylint: disable=g-import-not-at-top
   from actor import env_processes  # pylint: disable=g-import-not-at-top
   envs = env_processes.InProcessEnvironments(env_name, [1, 2],
-                                             environments.EnvOptions())
+                                             config_lib.EnvOptions())
   recorders = [_Recorder(), _Recorder()]
   collector = env_loop.Collector(envs, recorders)
   # Always draw (0) in the card game: busts, and the tutorial's game then

@@ -143,7 +143,7 @@ def test_numpy_sac_collect_policy_matches_tf():
 def _dqn_cases():
   yield environments.load_environment('CartPole-v0')
   yield environments.load_environment(
-      'Pendulum-v1', options=environments.EnvOptions(discretize_actions=5))
+      'Pendulum-v1', options=config_lib.EnvOptions(discretize_actions=5))
 
 
 def test_numpy_dqn_collect_policy_matches_tf():

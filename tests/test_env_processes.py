@@ -210,7 +210,7 @@ def test_collector_writes_what_tf_agents_driver_writes():
           np.array([time_step.observation[2] / 10], np.float32), (), ())
 
   name = 'tests.test_env_processes:who_env'
-  options = environments.EnvOptions()
+  options = config_lib.EnvOptions()
   steps = 45  # Four episodes of ten steps and their boundaries, and more.
   expected = []
   for seed in range(4):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from common import config as config_lib
 from common import environments
 from common.card_game import BrokenObservationEnv
 from common.card_game import CardGameEnv
@@ -30,7 +31,7 @@ def test_card_game_passes_validation():
   environments.validate(CardGameEnv(seed=0), 'card_game', episodes=5)
   env = environments.load_environment(
       'common.card_game:CardGameEnv',
-      options=environments.EnvOptions(validate_episodes=3))
+      options=config_lib.EnvOptions(validate_episodes=3))
   assert env.action_spec().maximum == 1
 
 
@@ -44,7 +45,7 @@ def test_broken_custom_env_fails_validation_in_one_line():
 
 def test_time_limit_and_discretization_from_flags():
   env = environments.load_environment(
-      'Pendulum-v1', options=environments.EnvOptions(max_episode_steps=10,
+      'Pendulum-v1', options=config_lib.EnvOptions(max_episode_steps=10,
                                                      discretize_actions=5))
   assert env.action_spec().dtype.kind == 'i'
   assert env.action_spec().maximum == 4

@@ -268,7 +268,7 @@ def test_a_third_agent_is_one_module(tmp_path):
         stop.is_set), daemon=True)
     actor.start()
     result = train_lib.train(
-        train_lib.LearnerSettings(
+        config_lib.LearnerConfig(
             env_name='CartPole-v0', root_dir=str(tmp_path / 'learner'),
             replay_address=address, variable_address=address,
             train_steps=60, agent=config, push_interval_steps=10,

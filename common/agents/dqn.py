@@ -17,7 +17,7 @@ from tf_agents.train.utils import spec_utils
 from tf_agents.train.utils import train_utils
 from tf_agents.utils import common as tfa_common
 
-from common import agents
+from common.agents import networks
 from common import compat
 from common.config import DqnConfig
 from common.errors import UserError
@@ -29,7 +29,7 @@ _LOSSES = {'huber': tfa_common.element_wise_huber_loss,
 def create(env, config: DqnConfig, train_step: Optional[tf.Variable] = None,
            env_name: str = ''):
   """An initialized (Double) DQN agent with an epsilon-greedy collect policy."""
-  if not agents.has_discrete_actions(env):
+  if not networks.has_discrete_actions(env):
     raise UserError(f'--env={env_name} has continuous actions; DQN needs '
                     'discrete ones: use --agent=sac, or add '
                     '--discretize_actions=N')
@@ -106,7 +106,7 @@ class NumpyCollectPolicy:
 
   def __init__(self, layers, action_spec, epsilon: float,
                seed: Optional[int] = None):
-    self._q_network = agents.NumpyLayers(layers)
+    self._q_network = networks.NumpyLayers(layers)
     self._shape = tuple(action_spec.shape)
     self._dtype = action_spec.dtype.as_numpy_dtype
     self._minimum = int(np.min(action_spec.minimum))
@@ -141,11 +141,11 @@ def numpy_collect_policy(agent, config: DqnConfig,
   action_specs = tf.nest.flatten(agent.action_spec)
   if net is None or len(action_specs) != 1:
     return None
-  layers = agents.encoder_layers(net.encoder)
+  layers = networks.encoder_layers(net.encoder)
   # The collect policy carries the agent's splitter (an action mask, which
   # the NumPy policy does not apply).
   if (layers is None or
-      not agents.NumpyLayers.supports([net.q_value_layer]) or
+      not networks.NumpyLayers.supports([net.q_value_layer]) or
       agent.collect_policy.observation_and_action_constraint_splitter
       is not None or
       callable(config.epsilon_greedy)):

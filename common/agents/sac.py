@@ -17,7 +17,7 @@ from tf_agents.networks import actor_distribution_network
 from tf_agents.train.utils import spec_utils
 from tf_agents.train.utils import train_utils
 
-from common import agents
+from common.agents import networks
 from common import compat
 from common.config import SacConfig
 from common.errors import UserError
@@ -53,7 +53,7 @@ class _TdErrorKeeper:
 def create(env, config: SacConfig, train_step: Optional[tf.Variable] = None,
            env_name: str = ''):
   """An initialized `SacAgent` for `env`'s specs."""
-  if agents.has_discrete_actions(env):
+  if networks.has_discrete_actions(env):
     raise UserError(
         f'--env={env_name} has discrete actions; SAC needs continuous ones: '
         'use --agent=dqn')
@@ -137,7 +137,7 @@ class NumpyCollectPolicy:
 
   def __init__(self, encoder_layers, projection_layer, action_spec,
                seed: Optional[int] = None):
-    self._network = agents.NumpyLayers(list(encoder_layers) +
+    self._network = networks.NumpyLayers(list(encoder_layers) +
                                        [projection_layer])
     self._shape = tuple(action_spec.shape)
     self._dtype = action_spec.dtype.as_numpy_dtype
@@ -189,11 +189,11 @@ def numpy_collect_policy(agent, config: SacConfig,
   net = compat.actor_network_layers(agent)
   if net is None:
     return None
-  layers = agents.encoder_layers(net.encoder)
+  layers = networks.encoder_layers(net.encoder)
   action_specs = tf.nest.flatten(agent.action_spec)
   if (layers is None or len(action_specs) != 1 or
       net.std_transform is not tf.exp or
-      not agents.NumpyLayers.supports([net.projection_layer]) or
+      not networks.NumpyLayers.supports([net.projection_layer]) or
       agent.collect_policy.observation_and_action_constraint_splitter):
     return None
   return NumpyCollectPolicy(layers, net.projection_layer, action_specs[0],
