@@ -186,23 +186,31 @@ def _write(results):
     json.dump(results, f, indent=2)
 
 
-def main(_):
-  logging.set_verbosity(logging.WARNING)
-  env_name = BENCH_ENV.value
-  results = {'env': env_name, 'date': time.strftime('%Y-%m-%d'),
-             'machine': f'{os.cpu_count()} cpus'}
-  rss = _RssWatch()
-  workdir = tempfile.mkdtemp(prefix='sac-bench-')
-  t0 = time.perf_counter()
+class _Reporter:
+  """Records figures in `results` (writing them as it goes) and logs each."""
 
-  def report(key, value):
+  def __init__(self, results):
+    self.results = results
+    self.t0 = time.perf_counter()
+
+  def elapsed_s(self):
+    return time.perf_counter() - self.t0
+
+  def __call__(self, key, value):
     if not isinstance(value, str):  # A string is progress, not a figure.
-      results[key] = value
-      _write(results)  # As it goes: a late failure keeps what was measured.
-    print(f'[bench {time.perf_counter() - t0:5.0f}s] {key}: {value}',
+      self.results[key] = value
+      # As it goes: a late failure keeps what was measured.
+      _write(self.results)
+    print(f'[bench {self.elapsed_s():5.0f}s] {key}: {value}',
           file=sys.stderr, flush=True)
 
-  # Collection against cores, and the actor's efficiency on one core.
+
+def _bench_collection(env_name, workdir, rss, report):
+  """Collection against cores, and the actor's efficiency on one core.
+
+  Returns:
+    The 1-actor collection rate (env steps/s).
+  """
   c = collection.measure(env_name, os.path.join(workdir, 'collection'), rss,
                          log=lambda text: report('collection', text))
   report('collection_placement', c['placement'])
@@ -230,10 +238,41 @@ def main(_):
          c['1_actor_2_env_processes_env_steps_per_s'])
   report('collection_2_env_processes_over_1_actor',
          c['2_env_processes_over_1_actor'])
+  return rate
 
-  # Replay sampling per server core, 1 vs 2 shards, and the learner's input
-  # efficiency, every process pinned: shard 0 on the last core, the learner
-  # on the first.
+
+def _bench_learner_input_pinned(env_name, shards, pids, cpus, report):
+  """The learner's input efficiency on the first core, shard 0 serving."""
+  # Alternating, twice each: the learner binary's pipeline and allocator
+  # ('default'), and the same under the system's malloc.
+  order = list(replay_shards.variants()) * 2
+  learner_runs = {name: [] for name in order}
+  for name in order:
+    learner_runs[name].append(learner_input.measure_pinned(
+        env_name, shards[0], pids[0], cpus[:1],
+        replay_shards.variants()[name]))
+    report('learner_input_pinned', f'{name}: {learner_runs[name][-1]}')
+  pinned = {name: max(runs, key=lambda f: f['input_efficiency'])
+            for name, runs in learner_runs.items()}
+  report('learner_input_pinned', pinned)
+  report('learner_input_placement', {'replay_server_cpu': cpus[-1],
+                                     'learner_cpu': cpus[0]})
+  default = pinned['default']
+  report('learner_train_steps_per_s_live_table',
+         default['train_steps_per_s_live_table'])
+  report('learner_train_steps_per_s_in_memory',
+         default['train_steps_per_s_in_memory'])
+  report('learner_input_efficiency', default['input_efficiency'])
+  for name, figures in pinned.items():
+    if name != 'default':
+      report(f'learner_input_efficiency_{name}',
+             figures['input_efficiency'])
+
+
+def _bench_replay_shards(env_name, workdir, report):
+  """Replay sampling per server core, 1 vs 2 shards, and the learner's input
+  efficiency, every process pinned: shard 0 on the last core, the learner
+  on the first."""
   cpus = sorted(os.sched_getaffinity(0))
   shard_cluster = fixtures.PinnedCluster(os.path.join(workdir, 'shards'))
   try:
@@ -241,35 +280,14 @@ def main(_):
     r = replay_shards.measure_on(env_name, shards, pids,
                                  log=lambda text: report('replay_shards', text))
     report('replay_shards', r)
-    # Alternating, twice each: the learner binary's pipeline and allocator
-    # ('default'), and the same under the system's malloc.
-    order = list(replay_shards.variants()) * 2
-    learner_runs = {name: [] for name in order}
-    for name in order:
-      learner_runs[name].append(learner_input.measure_pinned(
-          env_name, shards[0], pids[0], cpus[:1],
-          replay_shards.variants()[name]))
-      report('learner_input_pinned', f'{name}: {learner_runs[name][-1]}')
-    pinned = {name: max(runs, key=lambda f: f['input_efficiency'])
-              for name, runs in learner_runs.items()}
-    report('learner_input_pinned', pinned)
-    report('learner_input_placement', {'replay_server_cpu': cpus[-1],
-                                       'learner_cpu': cpus[0]})
-    default = pinned['default']
-    report('learner_train_steps_per_s_live_table',
-           default['train_steps_per_s_live_table'])
-    report('learner_train_steps_per_s_in_memory',
-           default['train_steps_per_s_in_memory'])
-    report('learner_input_efficiency', default['input_efficiency'])
-    for name, figures in pinned.items():
-      if name != 'default':
-        report(f'learner_input_efficiency_{name}',
-               figures['input_efficiency'])
+    _bench_learner_input_pinned(env_name, shards, pids, cpus, report)
   finally:
     shard_cluster.stop_all()
 
-  # Unpinned, as before the scale-out benchmarks: one server process, every
-  # process free to use every core.
+
+def _bench_unpinned(env_name, workdir, rss, report, collect_rate):
+  """Unpinned, as before the scale-out benchmarks: one server process, every
+  process free to use every core."""
   cluster = fixtures.PinnedCluster(workdir)
   try:
     address = fixtures.replay_server(cluster, 'replay_server', env_name)
@@ -285,7 +303,7 @@ def main(_):
     report('replay_sampled_batches_256_per_s', round(sample_rate, 1))
     report('tf_agents_as_dataset_batches_256_per_s', round(stock_rate, 1))
     report('replay_sample_capacity_ratio', round(sample_rate / live, 2))
-    report('replay_insert_capacity_ratio', round(insert_rate / rate, 2))
+    report('replay_insert_capacity_ratio', round(insert_rate / collect_rate, 2))
 
     median_ms, max_ms, size = weight_propagation(env_name, address)
     report('weight_push_to_pull_ms_median', round(median_ms, 1))
@@ -297,13 +315,22 @@ def main(_):
   finally:
     cluster.stop_all()
 
-  initial, steps = 1000, STEPS.value
+
+def _bench_tutorial_loop(env_name, initial, steps, rss, report):
+  """The tutorial's single-process loop; returns its (initial, loop) seconds."""
   init_s, loop_s = tutorial_loop(env_name, initial, steps)
   report('tutorial_loop_seconds', {'initial_collect': round(init_s, 1),
                                    'train_loop': round(loop_s, 1),
                                    'total': round(init_s + loop_s, 1)})
   rss.peak['bench_process (tutorial loop)'] = round(
       _peak_rss_mb(os.getpid()), 1)
+  return init_s, loop_s
+
+
+def _bench_distributed(env_name, workdir, initial, steps, tutorial_s, rss,
+                       report):
+  """The launcher's cluster with 1 and 2 actors, against the tutorial loop."""
+  init_s, loop_s = tutorial_s
   for actors in (1, 2):
     total_s, train_s, train_rate = distributed_run(
         workdir, env_name, actors, initial, steps, rss)
@@ -316,13 +343,34 @@ def main(_):
             (init_s + loop_s) / total_s, 2),
         'tutorial_loop_over_distributed_training_phase': round(
             loop_s / train_s, 2)})
-  # Prioritized replay's cost to the learner (issue: at most 15 % slower).
+
+
+def _bench_prioritized(env_name, workdir, report):
+  """Prioritized replay's cost to the learner (issue: at most 15 % slower)."""
   os.makedirs(os.path.join(workdir, 'prioritized'))
   for key, value in prioritized.measure(
       env_name, os.path.join(workdir, 'prioritized')).items():
     report(key, value)
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  env_name = BENCH_ENV.value
+  results = {'env': env_name, 'date': time.strftime('%Y-%m-%d'),
+             'machine': f'{os.cpu_count()} cpus'}
+  rss = _RssWatch()
+  workdir = tempfile.mkdtemp(prefix='sac-bench-')
+  report = _Reporter(results)
+  collect_rate = _bench_collection(env_name, workdir, rss, report)
+  _bench_replay_shards(env_name, workdir, report)
+  _bench_unpinned(env_name, workdir, rss, report, collect_rate)
+  initial, steps = 1000, STEPS.value
+  tutorial_s = _bench_tutorial_loop(env_name, initial, steps, rss, report)
+  _bench_distributed(env_name, workdir, initial, steps, tutorial_s, rss,
+                     report)
+  _bench_prioritized(env_name, workdir, report)
   report('peak_rss_mb', rss.peak)
-  report('bench_seconds', round(time.perf_counter() - t0, 1))
+  report('bench_seconds', round(report.elapsed_s(), 1))
   _write(results)
   print(json.dumps(results, indent=2))
 

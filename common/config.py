@@ -198,6 +198,9 @@ class SacConfig:
       'alive cost reward, which teaches falling on tasks that end when the '
       'robot falls.', kind='float')
   batch_size: int = setting(256, 'Global training batch size.', lower=1)
+  gradient_clipping: Optional[float] = setting(
+      None, 'SAC: clip the gradients of the actor, critic and alpha to this '
+      'norm (default: no clipping, as the tutorial).', kind='float', lower=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,12 +47,6 @@ WRITE_ERRORS = (OSError, tf.errors.ResourceExhaustedError,
                 tf.errors.PermissionDeniedError, tf.errors.NotFoundError,
                 tf.errors.DataLossError)
 
-# Agent config fields whose flag has another name.
-_DQN_FLAG_NAMES = {'learning_rate': 'dqn_learning_rate',
-                   'target_update_period': 'dqn_target_update_period',
-                   'double': 'dqn_double', 'loss': 'dqn_loss'}
-
-
 def describe_error(error: Exception) -> str:
   """One line of a failed write: TensorFlow's op prefix dropped, the reason
   (e.g. 'No space left on device') kept."""
@@ -107,7 +101,7 @@ def run_settings(env_name: str, agent_config: config_lib.AgentConfig,
     # fix this learner suggests for non-finite weights) or change the batch.
     if 'learning_rate' in name or name == 'batch_size':
       continue
-    settings[_DQN_FLAG_NAMES.get(name, name) if is_dqn else name] = value
+    settings[config_lib.flag_name(type(agent_config), name)] = value
   settings['replay'] = 'prioritized' if prioritized else 'uniform'
   settings['alive_bonus'] = alive_bonus
   settings['seed'] = seed
@@ -148,6 +142,8 @@ def check_recorded(root_dir: str, settings: dict) -> bool:
                     f'{train_dir(root_dir)} to start afresh, or give '
                     'another --root_dir') from None
   for name, value in settings.items():
+    if name not in recorded and value is None:
+      continue  # A setting added since the run was recorded, and left off.
     old = recorded.get(name, '(not recorded)')
     if old != value:
       raise UserError(

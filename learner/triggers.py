@@ -226,6 +226,9 @@ class _StatusSender(threading.Thread):
         self._wake.clear()
       try:
         client = client or reverb.Client(self._address)
+        # Asked first, with a timeout: an insert into a server that is gone
+        # waits for it forever, and would hold up the learner's exit.
+        client.server_info(timeout=2)
         status.publish(client, status.LEARNER, **fields)
         failing = False
       except Exception as e:  # pylint: disable=broad-except

@@ -92,6 +92,7 @@ def create(env, config: SacConfig, train_step: Optional[tf.Variable] = None,
       gamma=config.gamma,
       reward_scale_factor=config.reward_scale_factor,
       target_entropy=config.target_entropy,
+      gradient_clipping=config.gradient_clipping,
       train_step_counter=train_step)
   agent.initialize()
   agent.td_error_keeper = td_errors
