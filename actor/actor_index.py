@@ -26,7 +26,8 @@ _SHARDS_SETTLE_S = 20.0
 
 
 def _free_counts(addresses: Sequence[str]) -> List:
-  """Per shard: the indices in its queue, or None where it does not answer."""
+  """Per shard: (indices in its queue, indices it has handed out), or None
+  where it does not answer."""
   counts = []
   for address in addresses:
     try:
@@ -39,7 +40,8 @@ def _free_counts(addresses: Sequence[str]) -> List:
       raise UserError(f'--task=auto: the server at {address} has no '
                       f'{table_names.ACTOR_ID_TABLE!r} table (not started '
                       'with python -m replay_server?); give --task=<index>')
-    counts.append(table.current_size)
+    counts.append((table.current_size,
+                   table.rate_limiter_info.sample_stats.completed))
   return counts
 
 
@@ -97,11 +99,14 @@ class _Claim:
     """Starts a taker on the answering shard with the most free indices."""
     # A shard that has not queued its indices yet (its start-up grace) would
     # leave every actor to the others: wait a little for it.
-    settling = (any(counts[k] == 0 for k in answering) and
+    settling = (any(counts[k][0] == 0 for k in answering) and
                 self.elapsed() < _SHARDS_SETTLE_S)
     if self.taker is None and answering and not settling:
-      # max() keeps the first of equal counts: the lower shard.
-      self.source = max(answering, key=lambda k: counts[k])
+      # The most free indices; then the fewest handed out (a shard refills
+      # its queue within a second, so the free counts are mostly equal);
+      # then the lower shard (max() keeps the first of equals).
+      self.source = max(answering,
+                        key=lambda k: (counts[k][0], -counts[k][1]))
       self.taker = one_value.OneItemTaker(self.addresses[self.source],
                                           table_names.ACTOR_ID_TABLE)
 
@@ -143,8 +148,8 @@ def claim_actor_id(addresses: Union[str, Sequence[str]],
   """Takes a free actor index from a replay shard's queue.
 
   `addresses`: one server, or every shard in --replay_address order. The
-  claim goes to the answering shard with the most free indices (the lower
-  shard on a tie); a shard that does not answer is skipped. Waits (logging)
+  claim goes to the answering shard with the most free indices (on a tie,
+  the one that handed out fewer, then the lower shard); a shard that does not answer is skipped. Waits (logging)
   at most `timeout_s`: a server hands out indices a grace period after it
   starts, and may be restarting.
   """

@@ -81,7 +81,7 @@ class _EpisodeReturns:
       self.lengths.append(self._length)
 
 
-class _FirstAnswering:
+class FirstAnswering:
   """The weights of the first server in `addresses` that answers.
 
   Keeps to that server while it answers and moves on to the next that does
@@ -194,8 +194,8 @@ class _Evaluation:
       self.env = env_processes.watched(self.env, env_processes.StepWatchdog(
           s.env_name, s.env_step_timeout_s))
     self.variables = built.variables
-    self.weights = _FirstAnswering(_weights_addresses(s), self.variables, s,
-                                   should_stop)
+    self.weights = FirstAnswering(_weights_addresses(s), self.variables, s,
+                                  should_stop)
     self.policy = py_tf_eager_policy.PyTFEagerPolicy(
         greedy_policy.GreedyPolicy(agents.greedy_policy(built.agent,
                                                         s.agent)),

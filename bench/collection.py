@@ -144,6 +144,58 @@ def _table_counts(address):
           info.num_episodes + info.num_deleted_episodes)
 
 
+def _actor_name(task, actors, extra):
+  """The cluster name of actor `task` of `actors`, from its extra flags."""
+  name = f'actor_{task}_of_{len(actors)}_{"_".join(extra) or "1_env"}'
+  return '_'.join(filter(None, ''.join(
+      c if c.isalnum() else ' ' for c in name.replace('--', '')).split()))
+
+
+def _start_actors(cluster, env_name, address, actors, log_interval_s):
+  """Starts one actor process per (cpus, extra flags); their names."""
+  names = []
+  for task, (cpus, extra) in enumerate(actors):
+    name = _actor_name(task, actors, extra)
+    cluster.start(name, 'actor', [
+        f'--env={env_name}', f'--replay_address={address}', f'--task={task}',
+        f'--num_actors={len(actors)}', '--initial_collect_steps=0',
+        '--max_train_steps=1000000000', f'--log_interval_s={log_interval_s}',
+        '--validate_env_episodes=0', f'--root_dir={cluster.log_dir}/{name}'] +
+                  list(extra), cpus=cpus)
+    names.append(name)
+  return names
+
+
+def _collect_window(cluster, names, address, server_pid, rss, seconds,
+                    warmup_s):
+  """Waits for the actors to act, then counts over the window.
+
+  Returns (start counts, start time, end counts, end time, CPU spent, run
+  queue waits).
+  """
+  deadline = time.monotonic() + 180
+  while not all(_summaries_opened(cluster, n, task)
+                for task, n in enumerate(names)):
+    if time.monotonic() > deadline:
+      raise RuntimeError(f'actors {names} not acting within 180s')
+    time.sleep(0.5)
+  time.sleep(warmup_s)  # Past the first batch of policy calls and resets.
+  start_counts, start = _table_counts(address), time.perf_counter()
+  meter = fixtures.CpuMeter(dict(
+      {n: cluster.procs[n].pid for n in names}, server=server_pid))
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if rss is not None:
+      rss.sample({n: cluster.procs[n].pid for n in names})
+    time.sleep(1)
+  spent = meter.read()
+  waited = meter.waited()
+  end_counts, end = _table_counts(address), time.perf_counter()
+  for task, n in enumerate(names):
+    _summaries_opened(cluster, n, task)  # Raises if one died meanwhile.
+  return start_counts, start, end_counts, end, spent, waited
+
+
 def collect_rate(cluster, env_name, address, actors, server_pid, rss=None,
                  seconds=24.0, log_interval_s=3.0, warmup_s=3.0):
   """Actors running together; their summed env steps/s and CPU use.
@@ -153,39 +205,10 @@ def collect_rate(cluster, env_name, address, actors, server_pid, rss=None,
   `warmup_s` after every actor started acting; the actors share the table,
   so per-actor shares of it are not told apart (their CPU use is).
   """
-  names = []
-  for task, (cpus, extra) in enumerate(actors):
-    name = f'actor_{task}_of_{len(actors)}_{"_".join(extra) or "1_env"}'
-    name = '_'.join(filter(None, ''.join(
-        c if c.isalnum() else ' ' for c in name.replace('--', '')).split()))
-    cluster.start(name, 'actor', [
-        f'--env={env_name}', f'--replay_address={address}', f'--task={task}',
-        f'--num_actors={len(actors)}', '--initial_collect_steps=0',
-        '--max_train_steps=1000000000', f'--log_interval_s={log_interval_s}',
-        '--validate_env_episodes=0', f'--root_dir={cluster.log_dir}/{name}'] +
-                  list(extra), cpus=cpus)
-    names.append(name)
+  names = _start_actors(cluster, env_name, address, actors, log_interval_s)
   try:
-    deadline = time.monotonic() + 180
-    while not all(_summaries_opened(cluster, n, task)
-                  for task, n in enumerate(names)):
-      if time.monotonic() > deadline:
-        raise RuntimeError(f'actors {names} not acting within 180s')
-      time.sleep(0.5)
-    time.sleep(warmup_s)  # Past the first batch of policy calls and resets.
-    start_counts, start = _table_counts(address), time.perf_counter()
-    meter = fixtures.CpuMeter(dict(
-        {n: cluster.procs[n].pid for n in names}, server=server_pid))
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-      if rss is not None:
-        rss.sample({n: cluster.procs[n].pid for n in names})
-      time.sleep(1)
-    spent = meter.read()
-    waited = meter.waited()
-    end_counts, end = _table_counts(address), time.perf_counter()
-    for task, n in enumerate(names):
-      _summaries_opened(cluster, n, task)  # Raises if one died meanwhile.
+    start_counts, start, end_counts, end, spent, waited = _collect_window(
+        cluster, names, address, server_pid, rss, seconds, warmup_s)
   finally:
     for n in names:
       if cluster.procs[n].poll() is None:
@@ -222,12 +245,8 @@ def _undisturbed(figures):
   return max(figures['actor_runqueue_wait_s_per_s']) <= MAX_RUNQUEUE_WAIT
 
 
-def measure(env_name, workdir, rss=None, log=print, rounds=2,
-            with_4_envs=True):
-  """Raw env rate, 1 and 2 actors, 1 actor with 2 env processes; ratios."""
-  cpus = sorted(os.sched_getaffinity(0))
-  first, last = cpus[:1], cpus[-1:]
-  cluster = fixtures.PinnedCluster(workdir)
+def _cases(cpus, first, last, with_4_envs):
+  """{case: [(cpus, extra flags) per actor]}."""
   cases = {
       '1_actor': [(first, [])],
       '2_actors': [(first, []), (last, [])],
@@ -236,6 +255,43 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
   }
   if with_4_envs:
     cases['1_actor_4_envs'] = [(first, ['--envs_per_actor=4'])]
+  return cases
+
+
+def _round(cluster, env_name, address, server_pid, rss, log, cases, first,
+           figures, raw, raw_cpu, r, rounds):
+  """Round `r`: the raw env loop, then every case; appends to the lists."""
+  with pinned_thread(first):
+    raw.append(raw_env_costs(env_name))
+    raw_cpu.append(raw_env_costs(env_name, clock=time.thread_time))
+  log(f'round {r + 1}/{rounds} raw env on cpu {first}: '
+      f'{1000 * raw[-1][0]:.2f} ms per step, {1000 * raw[-1][1]:.0f} ms '
+      f'per reset (CPU: {1000 * raw_cpu[-1][0]:.2f}, '
+      f'{1000 * raw_cpu[-1][1]:.0f})')
+  for case, actors in cases.items():
+    f = collect_rate(cluster, env_name, address, actors, server_pid, rss)
+    log(f'round {r + 1}/{rounds} {case}: {f}')
+    figures[case].append(f)
+
+
+def _extra_rounds(cluster, env_name, address, server_pid, rss, log, cases,
+                  figures):
+  """A case whose every round lost CPU to other processes (another
+  engineer's benchmark pinned to the same core) gets up to 2 more."""
+  for case, actors in cases.items():
+    for extra in range(2):
+      if any(_undisturbed(f) for f in figures[case]):
+        break
+      f = collect_rate(cluster, env_name, address, actors, server_pid, rss)
+      log(f'extra round {extra + 1} {case} (the others were disturbed): '
+          f'{f}')
+      figures[case].append(f)
+
+
+def _run_cases(env_name, workdir, rss, log, rounds, cases, first, last):
+  """All rounds of all cases on a fresh replay server: (figures per case,
+  raw env costs, raw env CPU costs), one entry a round."""
+  cluster = fixtures.PinnedCluster(workdir)
   figures = {case: [] for case in cases}
   raw, raw_cpu = [], []
   try:
@@ -244,50 +300,35 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
     server_pid = cluster.procs['replay_server'].pid
     fixtures.push_weights(env_name, address)
     for r in range(rounds):  # Alternating: drift on a shared machine hits all.
-      with pinned_thread(first):
-        raw.append(raw_env_costs(env_name))
-        raw_cpu.append(raw_env_costs(env_name, clock=time.thread_time))
-      log(f'round {r + 1}/{rounds} raw env on cpu {first}: '
-          f'{1000 * raw[-1][0]:.2f} ms per step, {1000 * raw[-1][1]:.0f} ms '
-          f'per reset (CPU: {1000 * raw_cpu[-1][0]:.2f}, '
-          f'{1000 * raw_cpu[-1][1]:.0f})')
-      for case, actors in cases.items():
-        f = collect_rate(cluster, env_name, address, actors, server_pid, rss)
-        log(f'round {r + 1}/{rounds} {case}: {f}')
-        figures[case].append(f)
-    # A case whose every round lost CPU to other processes (another
-    # engineer's benchmark pinned to the same core) gets up to 2 more.
-    for case, actors in cases.items():
-      for extra in range(2):
-        if any(_undisturbed(f) for f in figures[case]):
-          break
-        f = collect_rate(cluster, env_name, address, actors, server_pid, rss)
-        log(f'extra round {extra + 1} {case} (the others were disturbed): '
-            f'{f}')
-        figures[case].append(f)
+      _round(cluster, env_name, address, server_pid, rss, log, cases, first,
+             figures, raw, raw_cpu, r, rounds)
+    _extra_rounds(cluster, env_name, address, server_pid, rss, log, cases,
+                  figures)
     if rss is not None:
       rss.sample({'replay_server': server_pid})
   finally:
     cluster.stop_all()
+  return figures, raw, raw_cpu
 
-  # The least disturbed round of each: on a shared machine other processes
-  # only ever slow a round down (their share shows as cores_busy < 1 and
-  # run-queue waits).
-  def best_rate(case):
-    return max(f['env_steps_per_s'] for f in figures[case])
 
-  costs = (min(c[0] for c in raw), min(c[1] for c in raw))
-  cpu_costs = (min(c[0] for c in raw_cpu), min(c[1] for c in raw_cpu))
+# The least disturbed round of each: on a shared machine other processes
+# only ever slow a round down (their share shows as cores_busy < 1 and
+# run-queue waits).
+def _best_rate(figures, case):
+  return max(f['env_steps_per_s'] for f in figures[case])
 
-  def steps_per_episode(case):
-    return statistics.median(f['env_steps_per_episode'] for f in figures[case])
 
-  one = best_rate('1_actor')
+def _steps_per_episode(figures, case):
+  return statistics.median(f['env_steps_per_episode'] for f in figures[case])
+
+
+def _raw_figures(env_name, cpus, first, last, figures, costs, cpu_costs):
+  """The placement and the raw env loop's figures."""
   # The raw loop for the actor's own episodes: the untrained policy
   # saturates its actions and Minitaur falls within tens of steps, so
   # resets (about 100 ms each) weigh far more than with random actions.
-  reference = raw_rate(costs, steps_per_episode('1_actor'))
-  results = {
+  reference = raw_rate(costs, _steps_per_episode(figures, '1_actor'))
+  return {
       'placement': {
           'replay_server_cpu': last[0], 'raw_env_loop_cpu': first[0],
           '1_actor_cpus': first, '2_actors_cpus': [first, last],
@@ -296,17 +337,23 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
       'raw_env_ms_per_step': round(1000 * costs[0], 3),
       'raw_env_ms_per_reset': round(1000 * costs[1], 1),
       'raw_env_steps_per_s_no_resets': round(raw_rate(costs), 1),
-      'actor_env_steps_per_episode': steps_per_episode('1_actor'),
+      'actor_env_steps_per_episode': _steps_per_episode(figures, '1_actor'),
       'raw_env_steps_per_s_at_actor_episodes': round(reference, 1),
       'raw_env_cpu_ms_per_step': round(1000 * cpu_costs[0], 3),
       'raw_env_cpu_ms_per_reset': round(1000 * cpu_costs[1], 1),
       'rounds': figures,
   }
+
+
+def _ratios(results, cases, figures, costs, cpu_costs, with_4_envs):
+  """Adds the best rates and the ratios to `results`."""
+  one = _best_rate(figures, '1_actor')
+  reference = raw_rate(costs, _steps_per_episode(figures, '1_actor'))
   for case in cases:
-    results[f'{case}_env_steps_per_s'] = round(best_rate(case), 1)
-  results['2_actors_over_1'] = round(best_rate('2_actors') / one, 3)
+    results[f'{case}_env_steps_per_s'] = round(_best_rate(figures, case), 1)
+  results['2_actors_over_1'] = round(_best_rate(figures, '2_actors') / one, 3)
   results['2_env_processes_over_1_actor'] = round(
-      best_rate('1_actor_2_env_processes') / one, 3)
+      _best_rate(figures, '1_actor_2_env_processes') / one, 3)
   results['actor_efficiency_wall'] = round(one / reference, 3)
   results['actor_efficiency_vs_raw_no_resets'] = round(one / raw_rate(costs),
                                                        3)
@@ -316,13 +363,29 @@ def measure(env_name, workdir, rss=None, log=print, rounds=2,
   actor_cpu_ms = min(f['cpu_ms_per_env_step'] for f in figures['1_actor'])
   results['actor_cpu_ms_per_env_step'] = actor_cpu_ms
   results['actor_efficiency_pinned'] = round(
-      1000 / raw_rate(cpu_costs, steps_per_episode('1_actor')) / actor_cpu_ms,
-      3)
+      1000 / raw_rate(cpu_costs, _steps_per_episode(figures, '1_actor')) /
+      actor_cpu_ms, 3)
   if with_4_envs:
     results['actor_efficiency_4_envs_pinned'] = round(
-        1000 / raw_rate(cpu_costs, steps_per_episode('1_actor_4_envs')) /
+        1000 / raw_rate(cpu_costs,
+                        _steps_per_episode(figures, '1_actor_4_envs')) /
         min(f['cpu_ms_per_env_step'] for f in figures['1_actor_4_envs']),
         3)
+
+
+def measure(env_name, workdir, rss=None, log=print, rounds=2,
+            with_4_envs=True):
+  """Raw env rate, 1 and 2 actors, 1 actor with 2 env processes; ratios."""
+  cpus = sorted(os.sched_getaffinity(0))
+  first, last = cpus[:1], cpus[-1:]
+  cases = _cases(cpus, first, last, with_4_envs)
+  figures, raw, raw_cpu = _run_cases(env_name, workdir, rss, log, rounds,
+                                     cases, first, last)
+  costs = (min(c[0] for c in raw), min(c[1] for c in raw))
+  cpu_costs = (min(c[0] for c in raw_cpu), min(c[1] for c in raw_cpu))
+  results = _raw_figures(env_name, cpus, first, last, figures, costs,
+                         cpu_costs)
+  _ratios(results, cases, figures, costs, cpu_costs, with_4_envs)
   return results
 
 

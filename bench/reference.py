@@ -408,19 +408,73 @@ def _median(rounds, system, key):
   return statistics.median(r[key] for r in rounds if r['system'] == system)
 
 
-def main(_):
-  logging.set_verbosity(logging.WARNING)
+def _check_reference_dir():
+  """Exits with an error unless --reference_dir holds the three scripts."""
   missing = [s for s in REFERENCE_SCRIPTS
              if not os.path.exists(os.path.join(REFERENCE_DIR.value, s))]
   if missing:
     sys.exit(f'bench.reference: error: {REFERENCE_DIR.value} lacks {missing} '
              '(tensorflow/agents: tf_agents/experimental/distributed/examples/'
              'sac/)')
-  env_name = BENCH_ENV.value
-  workdir = WORKDIR.value or tempfile.mkdtemp(prefix='sac-reference-')
-  os.makedirs(workdir, exist_ok=True)
+
+
+def _settings():
+  """The run's settings, as the JSON's `settings`."""
+  return {
+      'window_s': WINDOW_S.value, 'rounds': ROUNDS.value,
+      'warmup_s': WARMUP_S.value, 'collectors': 1,
+      'rate_limiter': 'MinSize',
+      'min_size_to_sample': MIN_SIZE_TO_SAMPLE.value,
+      'initial_collect_steps': INITIAL_COLLECT_STEPS.value,
+      'replay_capacity': REPLAY_CAPACITY.value,
+      'batch_size': BATCH_SIZE.value,
+      'networks': 'actor (256, 256), critic joint (256, 256) (both)',
+      'project_preset': PROJECT_PRESET.value,
+  }
+
+
+def _method():
+  """How the figures are read, as the JSON's `method`."""
+  return {
+      'env_steps': 'replay table (reference: experience, project: '
+                   'uniform_table) rate_limiter_info.insert_stats.'
+                   'completed at both ends of the window (one 2-step '
+                   'item per env step), both systems',
+      'train_steps': {
+          'reference': 'train_step in the variables table '
+                       '(ReverbVariableContainer.pull; pushed every step)',
+          'project': 'train_step of the learner\'s published status '
+                     '(variable_container.status, every '
+                     f'{LOG_INTERVAL_S} s), with its publish time'},
+      'ratio': 'project / reference of the medians over rounds',
+  }
+
+
+def _reference_info():
+  """The reference's scripts and how they run, as the JSON's `reference`."""
+  return {
+      'dir': REFERENCE_DIR.value,
+      'scripts_sha256': {s: _sha256(os.path.join(REFERENCE_DIR.value, s))
+                         for s in REFERENCE_SCRIPTS},
+      'launch': 'scripts run unmodified; Minitaur through gin bindings: '
+                '"import tf_agents.environments.suite_pybullet" and '
+                '{collect,train}.suite_load_fn=@suite_pybullet.load, '
+                '--env_name=MinitaurBulletEnv-v0 (no wrapper, no '
+                'monkeypatch)',
+      'differs_from_project': (
+          'reward_scale_factor 0.1 (project 1.0); a policy SavedModel '
+          'every 1000 train steps (project 5000); the learner pushes the '
+          'weights after every train step and the collector pulls them '
+          'after every env step (project: the learner pushes every 100 '
+          'train steps, 10 per call, and the actor looks every 100 env '
+          'steps and pulls only newer weights)'),
+  }
+
+
+def _header(env_name):
+  """The results document before any round: machine, code, settings."""
   dirty = _git('status', '--porcelain', '--untracked-files=no')
-  results = {
+  return {
       'env': env_name,
       'commit': _git('rev-parse', 'HEAD'),
       'worktree_modified': None if dirty is None else bool(dirty),
@@ -430,86 +484,44 @@ def main(_):
       'cpus_usable': len(os.sched_getaffinity(0)),
       'placement': 'unpinned: every process may use every core; one system '
                    'runs at a time',
-      'settings': {
-          'window_s': WINDOW_S.value, 'rounds': ROUNDS.value,
-          'warmup_s': WARMUP_S.value, 'collectors': 1,
-          'rate_limiter': 'MinSize',
-          'min_size_to_sample': MIN_SIZE_TO_SAMPLE.value,
-          'initial_collect_steps': INITIAL_COLLECT_STEPS.value,
-          'replay_capacity': REPLAY_CAPACITY.value,
-          'batch_size': BATCH_SIZE.value,
-          'networks': 'actor (256, 256), critic joint (256, 256) (both)',
-          'project_preset': PROJECT_PRESET.value,
-      },
-      'method': {
-          'env_steps': 'replay table (reference: experience, project: '
-                       'uniform_table) rate_limiter_info.insert_stats.'
-                       'completed at both ends of the window (one 2-step '
-                       'item per env step), both systems',
-          'train_steps': {
-              'reference': 'train_step in the variables table '
-                           '(ReverbVariableContainer.pull; pushed every step)',
-              'project': 'train_step of the learner\'s published status '
-                         '(variable_container.status, every '
-                         f'{LOG_INTERVAL_S} s), with its publish time'},
-          'ratio': 'project / reference of the medians over rounds',
-      },
-      'reference': {
-          'dir': REFERENCE_DIR.value,
-          'scripts_sha256': {s: _sha256(os.path.join(REFERENCE_DIR.value, s))
-                             for s in REFERENCE_SCRIPTS},
-          'launch': 'scripts run unmodified; Minitaur through gin bindings: '
-                    '"import tf_agents.environments.suite_pybullet" and '
-                    '{collect,train}.suite_load_fn=@suite_pybullet.load, '
-                    '--env_name=MinitaurBulletEnv-v0 (no wrapper, no '
-                    'monkeypatch)',
-          'differs_from_project': (
-              'reward_scale_factor 0.1 (project 1.0); a policy SavedModel '
-              'every 1000 train steps (project 5000); the learner pushes the '
-              'weights after every train step and the collector pulls them '
-              'after every env step (project: the learner pushes every 100 '
-              'train steps, 10 per call, and the actor looks every 100 env '
-              'steps and pulls only newer weights)'),
-      },
+      'settings': _settings(),
+      'method': _method(),
+      'reference': _reference_info(),
       'project': {},
       'rounds': [],
   }
-  t_start = time.perf_counter()
 
-  def log(text):
-    print(f'[reference {time.perf_counter() - t_start:5.0f}s] {text}',
-          file=sys.stderr, flush=True)
 
-  jobs = None
+def _on_term(signum, _frame):
+  raise SystemExit(f'bench.reference: {signal.Signals(signum).name}')
 
-  def on_term(signum, _frame):
-    raise SystemExit(f'bench.reference: {signal.Signals(signum).name}')
 
-  signal.signal(signal.SIGTERM, on_term)
+def _run_system(system_class, r, results, workdir, env_name, log):
+  """Round `r` of one system: start it, warm it up, measure, stop it."""
+  name = system_class.name
+  run_dir = os.path.join(workdir, f'round{r}_{name}')
+  jobs = _Jobs(run_dir)
   try:
-    for r in range(1, ROUNDS.value + 1):
-      for system_class in (_Reference, _Project):
-        name = system_class.name
-        run_dir = os.path.join(workdir, f'round{r}_{name}')
-        jobs = _Jobs(run_dir)
-        log(f'round {r}: starting {name} in {run_dir}')
-        system = system_class(jobs, run_dir, env_name)
-        warm = _warm_up(system, log)
-        figures = _window(system)
-        figures.update(warm)
-        figures.update(system.details())
-        results['rounds'].append(dict(round=r, system=name, **figures))
-        if r == 1:
-          results[name]['argv'] = system.argv
-        log(f'round {r} {name}: {figures["train_steps_per_s"]} train steps/s, '
-            f'{figures["env_steps_per_s"]} env steps/s')
-        jobs.stop_all()
-        jobs = None
+    log(f'round {r}: starting {name} in {run_dir}')
+    system = system_class(jobs, run_dir, env_name)
+    warm = _warm_up(system, log)
+    figures = _window(system)
+    figures.update(warm)
+    figures.update(system.details())
+    results['rounds'].append(dict(round=r, system=name, **figures))
+    if r == 1:
+      results[name]['argv'] = system.argv
+    log(f'round {r} {name}: {figures["train_steps_per_s"]} train steps/s, '
+        f'{figures["env_steps_per_s"]} env steps/s')
+    jobs.stop_all()
+    jobs = None
   finally:
     if jobs is not None:
       jobs.stop_all()
 
-  rounds = results['rounds']
+
+def _summary(rounds):
+  """Per-round figures, medians and project / reference ratios."""
   summary = {}
   for name in SYSTEMS:
     summary[name] = {
@@ -520,15 +532,40 @@ def main(_):
       key: round(summary['project'][key]['median'] /
                  summary['reference'][key]['median'], 2)
       for key in ('train_steps_per_s', 'env_steps_per_s')}
-  results['summary'] = summary
-  results['workdir'] = workdir
-  results['bench_seconds'] = round(time.perf_counter() - t_start, 1)
+  return summary
+
+
+def _emit(results):
+  """Prints the JSON document, and writes it to --out if given."""
   text = json.dumps(results, indent=2)
   if OUT.value:
     os.makedirs(os.path.dirname(OUT.value) or '.', exist_ok=True)
     with open(OUT.value, 'w') as f:
       f.write(text + '\n')
   print(text)
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  _check_reference_dir()
+  env_name = BENCH_ENV.value
+  workdir = WORKDIR.value or tempfile.mkdtemp(prefix='sac-reference-')
+  os.makedirs(workdir, exist_ok=True)
+  results = _header(env_name)
+  t_start = time.perf_counter()
+
+  def log(text):
+    print(f'[reference {time.perf_counter() - t_start:5.0f}s] {text}',
+          file=sys.stderr, flush=True)
+
+  signal.signal(signal.SIGTERM, _on_term)
+  for r in range(1, ROUNDS.value + 1):
+    for system_class in (_Reference, _Project):
+      _run_system(system_class, r, results, workdir, env_name, log)
+  results['summary'] = _summary(results['rounds'])
+  results['workdir'] = workdir
+  results['bench_seconds'] = round(time.perf_counter() - t_start, 1)
+  _emit(results)
 
 
 if __name__ == '__main__':

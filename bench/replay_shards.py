@@ -161,21 +161,9 @@ def variants():
 SHARD_QUOTA = 0.25
 
 
-def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
-  """Per-core sampling capacity and the 1- vs 2-shard pipeline, one run.
-
-  Shard 0 is pinned to the last core, shard 1 to the first.
-
-  On two cores the sampling client has no core of its own once both hold a
-  shard, and it needs more CPU per batch than a shard: the plain 1- vs
-  2-shard ratio then measures the client, not the shards. The shard-bound
-  placements make the shards the wall, as they are for a learner host with
-  cores to spare: each shard limited to SHARD_QUOTA of its core (a cgroup CPU
-  quota; skipped where none can be set), the client on both cores.
-  """
-  cpus = sorted(os.sched_getaffinity(0))
-  first = cpus[:1]
-  # name: (shards, their pids, the client's cpus, client variant, shard quota)
+def _placements(shards, pids, cpus, first, log):
+  """{name: (shards, their pids, the client's cpus, client variant, shard
+  quota)} and the shards' {pid: CpuQuota} ({} where none can be set)."""
   default = variants()['default']
   placements = {
       # (a) one server core, the client on the other core.
@@ -201,6 +189,11 @@ def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
     placements['2_shards_bound'] = (shards, pids, cpus, default, SHARD_QUOTA)
   else:
     log('no writable cgroup CPU controller: shard-bound placements skipped')
+  return placements, quotas
+
+
+def _run_placements(env_name, placements, quotas, log, rounds):
+  """{placement: [client figures per round]}; removes the quotas after."""
   figures = {name: [] for name in placements}
   try:
     for r in range(rounds):  # Alternating: drift on a shared machine hits all.
@@ -216,13 +209,11 @@ def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
   finally:
     for quota_of in quotas.values():
       quota_of.remove()
-  results = {'placement': {
-      'shard_0_cpu': cpus[-1], 'shard_1_cpu': cpus[0],
-      '1_shard_client_own_core': first, 'client_any_core': cpus}}
-  for name, runs in figures.items():
-    # The faster round: the other one lost more CPU to other processes
-    # (see the runqueue waits); CPU ms per batch are alike in both.
-    results[name] = max(runs, key=lambda f: f['batches_per_s'])
+  return figures
+
+
+def _add_ratios(results, quotas):
+  """Adds the capacities and 2- over 1-shard ratios to `results`."""
   one = results['1_shard_client_own_core']
   two = results['2_shards_client_any_core']
   results['items_per_server_core_s'] = round(
@@ -251,6 +242,32 @@ def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
     results['2_over_1_shards_shard_bound'] = round(
         results['2_shards_bound']['batches_per_s'] /
         results['1_shard_bound']['batches_per_s'], 2)
+
+
+def measure_on(env_name, shards, pids, log=print, rounds=2, knobs=False):
+  """Per-core sampling capacity and the 1- vs 2-shard pipeline, one run.
+
+  Shard 0 is pinned to the last core, shard 1 to the first.
+
+  On two cores the sampling client has no core of its own once both hold a
+  shard, and it needs more CPU per batch than a shard: the plain 1- vs
+  2-shard ratio then measures the client, not the shards. The shard-bound
+  placements make the shards the wall, as they are for a learner host with
+  cores to spare: each shard limited to SHARD_QUOTA of its core (a cgroup CPU
+  quota; skipped where none can be set), the client on both cores.
+  """
+  cpus = sorted(os.sched_getaffinity(0))
+  first = cpus[:1]
+  placements, quotas = _placements(shards, pids, cpus, first, log)
+  figures = _run_placements(env_name, placements, quotas, log, rounds)
+  results = {'placement': {
+      'shard_0_cpu': cpus[-1], 'shard_1_cpu': cpus[0],
+      '1_shard_client_own_core': first, 'client_any_core': cpus}}
+  for name, runs in figures.items():
+    # The faster round: the other one lost more CPU to other processes
+    # (see the runqueue waits); CPU ms per batch are alike in both.
+    results[name] = max(runs, key=lambda f: f['batches_per_s'])
+  _add_ratios(results, quotas)
   if knobs:
     results['knobs'] = _knobs(env_name, shards[:1], pids[:1], first, log)
   return results

@@ -41,20 +41,18 @@ NUM_EVAL_EPISODES = flags.DEFINE_integer('num_eval_episodes', 10,
 SEED = flags.DEFINE_integer('seed', 0, 'Seed.', lower_bound=0)
 
 
-def main(_):
+def _setup():
+  """Seeds, a fresh curve.jsonl, the built agent and the eval environment.
+
+  Returns (curve path, config, `build.build`'s result, eval env).
+  """
   # pylint: disable=g-import-not-at-top
   import numpy as np
   import tensorflow as tf
-  from tf_agents.policies import greedy_policy
-  from tf_agents.policies import py_tf_eager_policy
-  from tf_agents.policies import random_py_policy
-  from tf_agents.train import actor
-  from tf_agents.train import learner
 
   from common import build
   from common import config as config_lib
   from common import environments
-  from common import progress
   from common import seeds
   # pylint: enable=g-import-not-at-top
 
@@ -70,29 +68,33 @@ def main(_):
   built = build.build(ENV.value, config,
                       seed=seeds.derive(SEED.value, 'actor', 0, 'env', 0),
                       keep_env=True)
-  collect_env, train_step, tf_agent = built.env, built.train_step, built.agent
   eval_env = environments.load_environment(
       ENV.value, seed=seeds.derive(SEED.value, 'evaluator', 'env'))
+  return curve_path, config, built, eval_env
 
-  reverb_server, dataset, rb_observer = fixtures.tutorial_replay(
-      tf_agent, REPLAY_CAPACITY.value, config.batch_size)
 
+def _policies(tf_agent, collect_env):
+  """(collect, greedy eval, random) py policies, as the tutorial's."""
+  # pylint: disable=g-import-not-at-top
+  from tf_agents.policies import greedy_policy
+  from tf_agents.policies import py_tf_eager_policy
+  from tf_agents.policies import random_py_policy
+  # pylint: enable=g-import-not-at-top
   collect_policy = py_tf_eager_policy.PyTFEagerPolicy(
       tf_agent.collect_policy, use_tf_function=True)
   eval_policy = py_tf_eager_policy.PyTFEagerPolicy(
       greedy_policy.GreedyPolicy(tf_agent.policy), use_tf_function=True)
   random_policy = random_py_policy.RandomPyPolicy(
       collect_env.time_step_spec(), collect_env.action_spec())
+  return collect_policy, eval_policy, random_policy
 
-  started = time.monotonic()
-  actor.Actor(collect_env, random_policy, train_step,
-              steps_per_run=INITIAL_COLLECT_STEPS.value,
-              observers=[rb_observer]).run()
-  collect_actor = actor.Actor(collect_env, collect_policy, train_step,
-                              steps_per_run=1, observers=[rb_observer])
-  agent_learner = learner.Learner(OUT.value, train_step, tf_agent,
-                                  lambda: dataset)
 
+def _evaluator(eval_env, eval_policy, train_step, curve_path, started):
+  """evaluate(step): greedy episodes, one curve.jsonl row, a log line."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from tf_agents.train import actor
+  # pylint: enable=g-import-not-at-top
   returns, lengths = [], []
   current = [0.0, 0]
 
@@ -126,6 +128,12 @@ def main(_):
                  'episode length %.0f', step, row['return_mean'],
                  row['return_std'], row['episode_length'])
 
+  return evaluate
+
+
+def _train(collect_actor, agent_learner, evaluate):
+  """--train_steps iterations of one collect step and one train step."""
+  from common import progress  # pylint: disable=g-import-not-at-top
   evaluate(0)
   meter = progress.RateMeter(0, TRAIN_STEPS.value)
   for step in range(1, TRAIN_STEPS.value + 1):
@@ -137,6 +145,32 @@ def main(_):
       meter.update(step)
       logging.info('tutorial_loop: train_step %d/%d  %.1f steps/s  ETA %s',
                    step, TRAIN_STEPS.value, meter.rate, meter.eta(step))
+
+
+def main(_):
+  # pylint: disable=g-import-not-at-top
+  from tf_agents.train import actor
+  from tf_agents.train import learner
+  # pylint: enable=g-import-not-at-top
+
+  curve_path, config, built, eval_env = _setup()
+  collect_env, train_step, tf_agent = built.env, built.train_step, built.agent
+  reverb_server, dataset, rb_observer = fixtures.tutorial_replay(
+      tf_agent, REPLAY_CAPACITY.value, config.batch_size)
+  collect_policy, eval_policy, random_policy = _policies(tf_agent,
+                                                         collect_env)
+
+  started = time.monotonic()
+  actor.Actor(collect_env, random_policy, train_step,
+              steps_per_run=INITIAL_COLLECT_STEPS.value,
+              observers=[rb_observer]).run()
+  collect_actor = actor.Actor(collect_env, collect_policy, train_step,
+                              steps_per_run=1, observers=[rb_observer])
+  agent_learner = learner.Learner(OUT.value, train_step, tf_agent,
+                                  lambda: dataset)
+  evaluate = _evaluator(eval_env, eval_policy, train_step, curve_path,
+                        started)
+  _train(collect_actor, agent_learner, evaluate)
   rb_observer.close()
   reverb_server.stop()
 

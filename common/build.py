@@ -25,8 +25,8 @@ class Built:
   env: Any
   train_step: tf.Variable
   agent: Any
-  # {'policy': collect policy variables, 'train_step': train_step}: the nest
-  # of the `variables` table.
+  # {'policy_variables': collect policy variables, 'train_step': train_step}:
+  # the nest of the `variables` table.
   variables: dict
 
 

@@ -11,6 +11,9 @@ private:
   `tf.nest` work of `reverb.TrajectoryWriter` (more than the C++ append, item
   and flush together).
 
+The tests also read the agents' networks, optimizers, entropy coefficient and
+collect epsilon through the small accessors below.
+
 Each function says what it reads and what breaks if that changes. The parity
 tests in `tests/test_compat.py` compare both paths with the libraries' own
 (the NumPy policies with TF-Agents' policies on the same weights, the writer's
@@ -19,7 +22,7 @@ upgrade, run them first. No other module touches a private attribute of
 TF-Agents or Reverb.
 """
 
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 from tf_agents.agents.sac import tanh_normal_projection_network
@@ -49,6 +52,65 @@ def dqn_q_network(agent) -> Any:
   tests fail at once).
   """
   return agent._q_network
+
+
+def sac_networks(agent) -> Dict[str, Any]:
+  """A `SacAgent`'s networks: {'actor', 'critic_1', 'critic_2',
+  'target_critic_1', 'target_critic_2'}.
+
+  tf-agents 0.19.0: `SacAgent._actor_network`, `._critic_network_1`,
+  `._critic_network_2`, `._target_critic_network_1` and
+  `._target_critic_network_2`, set in `SacAgent.__init__`, no public
+  accessor. If one is renamed, this raises AttributeError.
+  """
+  return {'actor': sac_actor_network(agent),
+          'critic_1': agent._critic_network_1,
+          'critic_2': agent._critic_network_2,
+          'target_critic_1': agent._target_critic_network_1,
+          'target_critic_2': agent._target_critic_network_2}
+
+
+def sac_optimizers(agent) -> Dict[str, Any]:
+  """A `SacAgent`'s optimizers: {'actor', 'critic', 'alpha'}.
+
+  tf-agents 0.19.0: `SacAgent._actor_optimizer`, `._critic_optimizer` and
+  `._alpha_optimizer` (each converted to a legacy Keras optimizer), set in
+  `SacAgent.__init__`, no public accessor. If one is renamed, this raises
+  AttributeError.
+  """
+  return {'actor': agent._actor_optimizer,
+          'critic': agent._critic_optimizer,
+          'alpha': agent._alpha_optimizer}
+
+
+def sac_log_alpha(agent) -> tf.Variable:
+  """A `SacAgent`'s log entropy coefficient (`SacAgent._log_alpha`).
+
+  tf-agents 0.19.0: the variable created in `SacAgent.__init__` from
+  `initial_log_alpha`, no public accessor. If it is renamed, this raises
+  AttributeError.
+  """
+  return agent._log_alpha
+
+
+def dqn_networks(agent) -> Dict[str, Any]:
+  """A `DqnAgent`'s networks: {'q', 'target_q'}.
+
+  tf-agents 0.19.0: `DqnAgent._q_network` and `._target_q_network`, set in
+  `DqnAgent.__init__`, no public accessor. If one is renamed, this raises
+  AttributeError.
+  """
+  return {'q': dqn_q_network(agent), 'target_q': agent._target_q_network}
+
+
+def epsilon(policy) -> float:
+  """The exploration rate of an `EpsilonGreedyPolicy` (its `_get_epsilon()`).
+
+  tf-agents 0.19.0: `EpsilonGreedyPolicy._get_epsilon` returns `epsilon`, or
+  calls it when it is callable; no public accessor. If it is renamed, this
+  raises AttributeError.
+  """
+  return policy._get_epsilon()
 
 
 class ActorNetworkLayers(NamedTuple):

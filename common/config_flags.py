@@ -30,6 +30,10 @@ def _flag_default(s: config_lib.Setting):
   return s.default
 
 
+def _shown(default) -> str:
+  return ','.join(default) if isinstance(default, list) else str(default)
+
+
 def _define(flag: str, declared) -> None:
   """Defines `--flag` from its declarations (one, or one per agent)."""
   s = declared[0][2]
@@ -40,7 +44,7 @@ def _define(flag: str, declared) -> None:
     # flag is unset unless given, and each agent then takes its own.
     default = None
     help_text += ' (default: ' + ', '.join(
-        f'{_AGENT_OF.get(cls, cls.__name__)} {",".join(d) if isinstance(d, list) else d}'
+        f'{_AGENT_OF.get(cls, cls.__name__)} {_shown(d)}'
         for cls, d in defaults.items()) + ')'
   bounds = {k: v for k, v in (('lower_bound', s.lower),
                                ('upper_bound', s.upper)) if v is not None}

@@ -62,7 +62,7 @@ def _load_factory(name: str):
     env = factory()
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'--env={name}: {attr}() raised {type(e).__name__}: '
-                    f'{" ".join(str(e).split())[:200]}') from None
+                    f'{one_line(e, 200, whole=True)}') from None
   if isinstance(env, py_environment.PyEnvironment):
     return env
   import gym  # pylint: disable=g-import-not-at-top
@@ -187,7 +187,7 @@ def validate(env, name: str, episodes: int, max_steps: int = 100000) -> None:
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    reason = ' '.join(str(e).split())[:400] or type(e).__name__
+    reason = one_line(e, 400, whole=True)
     raise UserError(f'--env={name} failed validation over {episodes} '
                     f'episode(s): {reason}') from None
 

@@ -69,7 +69,8 @@ def main(_):
         + (f' ({os.path.join(presets.PRESET_DIR, preset + ".cfg")}; flags '
            'you give win)' if preset else ' (flag defaults)'), flush=True)
   sup = supervisor.Supervisor(
-      children(config, argv_flags, ports, root_dir), os.path.join(root_dir, 'logs'),
+      children(config, argv_flags, ports, root_dir),
+      os.path.join(root_dir, 'logs'),
       train_steps=config.train_steps,
       show_child_logs=config.show_child_logs,
       progress_interval_s=config.progress_interval_s,

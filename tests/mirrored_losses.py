@@ -38,6 +38,7 @@ def main():
   from tf_agents.train.utils import train_utils
   from tf_agents.trajectories import time_step as ts
   from common import agents
+  from common import compat
   from common import config as config_lib
   from common import environments
   from learner import train_step as train_step_lib
@@ -78,24 +79,25 @@ def main():
     return agent, train_step
 
   def initial_weights(agent):
-    nets = ([agent._q_network, agent._target_q_network]  # pylint: disable=protected-access
-            if agent_name == 'dqn' else
-            [agent._actor_network, agent._critic_network_1,  # pylint: disable=protected-access
-             agent._critic_network_2, agent._target_critic_network_1,  # pylint: disable=protected-access
-             agent._target_critic_network_2])  # pylint: disable=protected-access
+    if agent_name == 'dqn':
+      named = compat.dqn_networks(agent)
+      nets = [named['q'], named['target_q']]
+    else:
+      named = compat.sac_networks(agent)
+      nets = [named['actor'], named['critic_1'], named['critic_2'],
+              named['target_critic_1'], named['target_critic_2']]
     return [v for n in nets for v in n.variables]
 
   reference, _ = make_agent(tf.distribute.get_strategy())
   if agent_name == 'sac':
-    projection = reference._actor_network._projection_networks  # pylint: disable=protected-access
-    dense = projection._projection_layer  # pylint: disable=protected-access
+    dense = compat.actor_network_layers(reference).projection_layer
     kernel, bias = dense.kernel.numpy(), dense.bias.numpy()
     half = kernel.shape[1] // 2
     kernel[:, half:] = 0.0
     bias[half:] = -20.0
     dense.kernel.assign(kernel)
     dense.bias.assign(bias)
-    reference._log_alpha.assign(-30.0)  # pylint: disable=protected-access
+    compat.sac_log_alpha(reference).assign(-30.0)
   start = [v.numpy() for v in initial_weights(reference)]
 
   out = {}
@@ -105,7 +107,7 @@ def main():
     for v, value in zip(initial_weights(agent), start):
       v.assign(value)
     if agent_name == 'sac':
-      agent._log_alpha.assign(-30.0)  # pylint: disable=protected-access
+      compat.sac_log_alpha(agent).assign(-30.0)
     dataset = tf.data.Dataset.from_tensor_slices(
         tf.nest.map_structure(lambda *x: tf.stack(x), *batches))
     dataset = dataset.map(lambda b: (b, ()))

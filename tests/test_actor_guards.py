@@ -93,6 +93,27 @@ def test_shards_hand_out_their_residue_class_and_claims_skip_a_dead_one():
         server.stop()
 
 
+def test_claims_spread_over_shards_that_refill_their_queues():
+  """A shard refills its queue within a second of a claim, so its free count
+  is back to the others': the next claim goes to the shard that handed out
+  fewer (two actors started together once both landed on shard 0)."""
+  servers = [_index_server() for _ in range(2)]
+  addresses = [a for _, a in servers]
+  try:
+    shards = [actor_indices.ActorIndices(a, grace_s=0, shard=k, num_shards=2)
+              for k, a in enumerate(addresses)]
+    got = []
+    for _ in range(4):
+      for k, indices in enumerate(shards):
+        _poll_until(indices, lambda a=addresses[k]: (
+            _queue_size(a) == table_names.QUEUE_DEPTH))
+      got.append(actor_index.claim_actor_id(addresses, 10))
+    assert got == [0, 1, 2, 3], got
+  finally:
+    for server, _ in servers:
+      server.stop()
+
+
 def test_a_shard_started_without_the_shard_list_is_refused_at_claim():
   """Servers that each think they are the only shard hand out every index:
   two actors would share one; the claim says so in one line instead."""
@@ -355,8 +376,8 @@ def test_evaluator_reads_weights_from_another_shard_when_one_stops():
         env_name='Pendulum-v1', root_dir='', variable_address=addresses[0],
         max_train_steps=10, agent=sac, server_timeout_s=10,
         replay_shards=tuple(addresses), variables_on_shards=True)
-    weights = evaluate._FirstAnswering(addresses, variables, settings,  # pylint: disable=protected-access
-                                       lambda: False)
+    weights = evaluate.FirstAnswering(addresses, variables, settings,
+                                      lambda: False)
     assert weights.latest_train_step() == 5
     servers[0].stop()
     assert weights.latest_train_step() == 7

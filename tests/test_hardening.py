@@ -18,11 +18,13 @@ from tf_agents.train.utils import train_utils
 
 from actor import actor_index
 from common import agents
+from common import compat
 from common import table_names
 from common import environments
 from common import reverb_connection
 from common.errors import UserError
 from learner import dataset as dataset_lib
+from learner import run_record
 from launcher.local_cluster import free_port
 from replay_server import tables
 from tests.test_common import TINY_SAC
@@ -94,8 +96,7 @@ def test_a_bug_fails_at_once_and_an_outage_is_retried(pendulum):
 
     # A genuine bug (Reverb's own RuntimeError type, not about the
     # connection): raised at once, not retried for --server_timeout_s.
-    # pylint: disable=protected-access
-    client._container.push = flaky_then_buggy(
+    client.container.push = flaky_then_buggy(
         RuntimeError('Unable to convert value to the table signature'))
     start = time.monotonic()
     with pytest.raises(RuntimeError, match='table signature'):
@@ -112,7 +113,7 @@ def test_a_bug_fails_at_once_and_an_outage_is_retried(pendulum):
         raise outage.pop(0)
       real.push(values, table)
 
-    client._container.push = push_after_outage
+    client.container.push = push_after_outage
     agent.train_step_counter.assign(7)
     client.push(variables)
     assert client.latest_train_step() == 7
@@ -211,16 +212,16 @@ def test_the_input_pipeline_keeps_every_sampled_item_across_waits(pendulum):
 
 
 def _optimizers(agent):
-  return [agent._actor_optimizer, agent._critic_optimizer,  # pylint: disable=protected-access
-          agent._alpha_optimizer]  # pylint: disable=protected-access
+  optimizers = compat.sac_optimizers(agent)
+  return [optimizers['actor'], optimizers['critic'], optimizers['alpha']]
 
 
 def _optimizer_targets(agent):
-  # pylint: disable=protected-access
-  return [agent._actor_network.trainable_variables,
-          agent._critic_network_1.trainable_variables +
-          agent._critic_network_2.trainable_variables,
-          [agent._log_alpha]]
+  nets = compat.sac_networks(agent)
+  return [nets['actor'].trainable_variables,
+          nets['critic_1'].trainable_variables +
+          nets['critic_2'].trainable_variables,
+          [compat.sac_log_alpha(agent)]]
 
 
 def _state(agent):
@@ -257,13 +258,14 @@ def test_learner_checkpoint_restores_target_networks_and_optimizer(
       reward=tf.random.normal([16, 2]), discount=tf.ones([16, 2]))
   for _ in range(5):
     trained.train(experience)
-  saver = tfa_learner.Learner(str(tmp_path), trained_step, trained, None)
-  saver._checkpointer.save(trained_step)  # pylint: disable=protected-access
+  tfa_learner.Learner(str(tmp_path), trained_step, trained, None)
+  saver = run_record.checkpointer(str(tmp_path), trained, trained_step)
+  saver.save(trained_step)
 
   fresh, fresh_step = build()
-  # pylint: disable=protected-access
-  assert not np.allclose(fresh._target_critic_network_1.variables[0].numpy(),
-                         trained._target_critic_network_1.variables[0].numpy())
+  assert not np.allclose(
+      compat.sac_networks(fresh)['target_critic_1'].variables[0].numpy(),
+      compat.sac_networks(trained)['target_critic_1'].variables[0].numpy())
   tfa_learner.Learner(str(tmp_path), fresh_step, fresh, None)
   assert int(fresh_step.numpy()) == int(trained_step.numpy()) == 5
   for agent in (trained, fresh):

@@ -16,6 +16,9 @@ PROCESS_PACKAGES = ('actor', 'learner', 'replay_server', 'variable_container',
 PACKAGES = PROCESS_PACKAGES + ('common', 'bench')
 # The one module that may touch private attributes of TF-Agents and Reverb.
 COMPAT = 'common/compat.py'
+# Tests scanned for private attributes too, but for these two: the parity
+# tests that guard COMPAT, and this file (which names the rule).
+PRIVATE_EXEMPT = (COMPAT, 'tests/test_compat.py', 'tests/test_layout.py')
 # Public modules of a process package, for the other roles to use (as
 # `reverb.client` is Reverb's): the variable container's clients and table
 # definitions (every replay shard serves the variables too), the replay
@@ -113,10 +116,11 @@ def import_cycles() -> List[List[str]]:
 
 
 def private_attributes() -> List[str]:
-  """`obj._name` outside COMPAT where obj is not self/cls."""
+  """`obj._name` outside COMPAT (and its parity tests) where obj is not
+  self/cls, in the packages and tests/."""
   found = []
-  for path, tree in _sources().items():
-    if path == COMPAT:
+  for path, tree in _sources(PACKAGES + ('tests',)).items():
+    if path in PRIVATE_EXEMPT:
       continue
     for node in ast.walk(tree):
       if (isinstance(node, ast.Attribute) and node.attr.startswith('_') and
@@ -196,7 +200,8 @@ def test_functions_read_in_one_screen():
 if __name__ == '__main__':
   for package, (lines, where) in sorted(longest_functions().items()):
     print(f'longest function  {package:20s} {lines:4d}  {where}')
-  for name, found in (('private attributes outside compat', private_attributes()),
+  for name, found in (('private attributes outside compat',
+                       private_attributes()),
                       ('regexes in launcher/ and bench/', log_regexes()),
                       ('import cycles', import_cycles()),
                       ('foreign imports', foreign_imports())):

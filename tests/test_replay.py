@@ -17,6 +17,7 @@ from tf_agents.train.utils import train_utils
 
 from actor import collect as collect_lib
 from common import agents
+from common import compat
 from common import config as config_lib
 from common import table_names
 from common import environments
@@ -102,7 +103,7 @@ def test_apex_epsilons_span_greedy_to_exploratory():
   # The actor's collect policy explores with its own epsilon.
   env = environments.load_environment('CartPole-v0')
   agent = agents.create_agent(env, agents.collect_config(config, 7, 8))
-  assert agent.collect_policy._get_epsilon() == pytest.approx(0.4 ** 8)  # pylint: disable=protected-access
+  assert compat.epsilon(agent.collect_policy) == pytest.approx(0.4 ** 8)
   assert agents.collect_config(TINY_DQN, 7, 8) == TINY_DQN  # fixed
   assert agents.collect_config(TINY_SAC, 7, 8) == TINY_SAC
 

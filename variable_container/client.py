@@ -77,6 +77,12 @@ class VariableContainerClient:
     """Whether pushes also write the one-int64 `train_step` table."""
     return self._has_step_table
 
+  @property
+  def container(self) -> reverb_variable_container.ReverbVariableContainer:
+    """The TF-Agents container that pushes and pulls (tests replace its
+    `push` to simulate failures)."""
+    return self._container
+
   def _ensure_reachable(self) -> None:
     """Waits (logging) while the server is away.
 
