@@ -15,11 +15,9 @@ import time
 from typing import Callable, Dict, Optional, Sequence
 
 from absl import logging
-import reverb
 import tensorflow as tf
 
 from actor import eval_outputs
-from common import errors
 from common import progress
 from variable_container import status
 
@@ -199,24 +197,15 @@ class StatusPublish:
   the launcher's progress line."""
 
   def __init__(self, addresses: Sequence[str]):
-    self._clients = {address: reverb.Client(address) for address in addresses}
+    self._publisher = status.Publisher(addresses, status.EVALUATOR)
 
   def __call__(self, step: int, row: Dict) -> None:
-    for address, client in self._clients.items():
-      try:
-        info = client.server_info(timeout=2)
-      except Exception:  # pylint: disable=broad-except
-        continue  # Not answering: the status goes to the others.
-      if status.table_name(status.EVALUATOR) not in info:
-        continue
-      try:
-        status.publish(client, status.EVALUATOR, train_step=step,
-                       average_return=row['AverageReturn'],
-                       episodes=row['num_episodes'],
-                       average_episode_length=row['AverageEpisodeLength'])
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('evaluator: cannot publish the status to %s (%s)',
-                        address, errors.one_line(e))
+    self._publisher.publish(train_step=step,
+                            average_return=row['AverageReturn'],
+                            episodes=row['num_episodes'],
+                            average_episode_length=row['AverageEpisodeLength'])
+    # Before the next evaluation's minutes of work: the launcher shows it now.
+    self._publisher.flush(timeout_s=5.0)
 
 
 class Video:

@@ -36,6 +36,7 @@ from learner import train_step as train_step_lib
 from learner import triggers
 from variable_container import client as variable_client
 from variable_container import contract
+from variable_container import status
 
 
 @dataclasses.dataclass
@@ -65,7 +66,8 @@ def train(settings: config_lib.LearnerConfig, strategy: tf.distribute.Strategy,
       new_iterator=lambda: _new_iterator(s, strategy, built, should_stop),
       wait_for_any_shard=lambda: _wait_for_any_shard(s, should_stop),
       last_checkpoint=lambda: checkpoints.last_saved, should_stop=should_stop)
-  publisher = triggers.StatusPublisher(s.shards + (s.variable_address,))
+  publisher = status.Publisher(s.shards + (s.variable_address,),
+                              status.LEARNER)
   progress_line = triggers.ProgressLine(s.log_interval_s, start_step,
                                         s.train_steps, lambda: calls.loss,
                                         publisher)
@@ -113,7 +115,7 @@ def _train_loop(s: config_lib.LearnerConfig, calls: train_step_lib.TrainCalls,
 
 
 def _finish(s: config_lib.LearnerConfig, checkpoints: run_record.Checkpoints,
-            container, variables, publisher: triggers.StatusPublisher,
+            container, variables, publisher: status.Publisher,
             progress_line: triggers.ProgressLine, step: int, start_step: int,
             loss: float) -> LearnerResult:
   """The final state: checkpoint (so a restart resumes here), push (so actors

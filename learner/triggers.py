@@ -8,7 +8,7 @@ checkpoint, a policy or the actors. The Learner's own triggers would fire
 inside `Learner.run`, before the loss is seen, so it gets none.
 
 `Heartbeat` runs on a thread of its own (it must speak while a call is stuck
-sampling), and `StatusPublisher` sends the learner's status to the servers
+sampling), and `status.Publisher` sends the learner's status to the servers
 as data (`variable_container.status`) off the training thread.
 """
 
@@ -24,7 +24,6 @@ import tensorflow as tf
 from common import progress
 from common import table_names
 from common.errors import UserError
-from common.errors import one_line
 from learner import run_record
 from variable_container import status
 
@@ -141,7 +140,7 @@ class ProgressLine:
   """
 
   def __init__(self, interval_s: float, start: int, train_steps: int,
-               loss: Callable[[], float], publisher: 'StatusPublisher'):
+               loss: Callable[[], float], publisher: status.Publisher):
     self._interval_s = interval_s
     self._train_steps = train_steps
     self._loss = loss
@@ -167,79 +166,6 @@ class ProgressLine:
       return 0.0
     elapsed = time.monotonic() - self._first[0]
     return (step - self._first[1]) / elapsed if elapsed > 0 else 0.0
-
-
-class StatusPublisher:
-  """The learner's status on every server that answers, as data.
-
-  Each server has a thread of its own that sends the latest fields: one that
-  is away (a send waits for it) holds up neither training nor the others,
-  and what it missed is replaced by newer fields.
-  """
-
-  def __init__(self, addresses: Sequence[str]):
-    self._senders = [_StatusSender(a) for a in dict.fromkeys(addresses)]
-    for sender in self._senders:
-      sender.start()
-
-  def publish(self, **fields) -> None:
-    for sender in self._senders:
-      sender.offer(fields)
-
-  def flush(self, timeout_s: float) -> None:
-    """Waits up to `timeout_s` until every server that answers has the last."""
-    deadline = time.monotonic() + timeout_s
-    for sender in self._senders:
-      sender.idle.wait(max(0.0, deadline - time.monotonic()))
-
-  def stop(self) -> None:
-    for sender in self._senders:
-      sender.done.set()
-
-
-class _StatusSender(threading.Thread):
-  """One server's latest status fields and the thread that sends them."""
-
-  def __init__(self, address: str):
-    super().__init__(daemon=True, name=f'status {address}')
-    self._address = address
-    self._lock = threading.Lock()
-    self._pending = None
-    self._wake = threading.Event()
-    self.idle = threading.Event()
-    self.idle.set()
-    self.done = threading.Event()
-
-  def offer(self, fields: dict) -> None:
-    with self._lock:
-      self._pending = dict(fields)
-      self.idle.clear()
-    self._wake.set()
-
-  def run(self) -> None:
-    client, failing = None, False
-    while not self.done.is_set():
-      if not self._wake.wait(1.0):
-        continue
-      with self._lock:
-        fields, self._pending = self._pending, None
-        self._wake.clear()
-      try:
-        client = client or reverb.Client(self._address)
-        # Asked first, with a timeout: an insert into a server that is gone
-        # waits for it forever, and would hold up the learner's exit.
-        client.server_info(timeout=2)
-        status.publish(client, status.LEARNER, **fields)
-        failing = False
-      except Exception as e:  # pylint: disable=broad-except
-        client = None
-        if not failing:  # Once per outage: status is advice, not training.
-          logging.info('learner: status not published to %s (%s)',
-                       self._address, one_line(e))
-        failing = True
-      with self._lock:
-        if self._pending is None:
-          self.idle.set()
 
 
 def _table_state(addresses: Sequence[str]) -> str:
