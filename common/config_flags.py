@@ -107,7 +107,7 @@ def values(flag_values=FLAGS) -> Dict[str, Any]:
   return found
 
 
-def _field_value(field, s: config_lib.Setting, v: Dict[str, Any]):
+def _field_value(s: config_lib.Setting, v: Dict[str, Any]):
   value = v[s.flag]
   if value is not None and s.parse is not None and not (
       s.kind == 'list' and isinstance(value, tuple)):
@@ -120,7 +120,6 @@ def _field_value(field, s: config_lib.Setting, v: Dict[str, Any]):
     value = tuple(value)
   if s.resolve is not None:
     value = s.resolve(value, v)
-  del field
   return value
 
 
@@ -130,7 +129,7 @@ def _build(cls, v: Dict[str, Any]):
     s = config_lib.setting_of(field)
     derivation = config_lib.derivation_of(field)
     if s is not None:
-      kwargs[field.name] = _field_value(field, s, v)
+      kwargs[field.name] = _field_value(s, v)
     elif derivation is not None:
       kwargs[field.name] = derivation[0](v)
     elif field.name == 'agent':
