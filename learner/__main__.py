@@ -21,14 +21,6 @@ def main(_):
   strategy_lib.split_cpu(config.logical_cpu_devices)
   strategy = strategy_lib.make_strategy(config.strategy, config.tpu_address)
   train.train(config, strategy, stop)
-  # Checkpointed and pushed: exit without waiting for a daemon thread stuck
-  # in a Reverb call to a server that is gone (Python's exit would).
-  import os, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':
