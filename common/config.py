@@ -172,6 +172,19 @@ def _addresses(value: str) -> Tuple[str, ...]:
   return parse_addresses(value, 'replay_address')
 
 
+def _learner_workers(value: str):
+  """'' (none, or TF_CONFIG), a count N (the launcher starts N on this
+  machine), or every worker's host:port."""
+  value = (value or '').strip()
+  if not value:
+    return ()
+  if value.isdigit():
+    if int(value) < 1:
+      raise UserError(f'--learner_workers={value} must be at least 1')
+    return int(value)
+  return parse_addresses(value, 'learner_workers')
+
+
 # --- What is learnt: the agents' hyperparameters.
 
 
@@ -315,6 +328,14 @@ class ReplayConfig:
       'ratio', 'ratio: SampleToInsertRatio(--samples_per_insert); min_size: '
       'MinSize, the learner samples as fast as it can.',
       choices=('ratio', 'min_size'))
+  replay_layout: str = setting(
+      'stock', "stock: items in TF-Agents' Trajectory columns (one per field, "
+      'each in its own chunks), as ReverbReplayBuffer, as_dataset and the '
+      "tutorial read them. packed: each item one flat float32 tensor "
+      '[item steps, fields] in one chunk, which the learner unpacks; about '
+      '4x the items a sampling core receives (BENCHMARKS.md), but stock '
+      'TF-Agents clients cannot read the table.',
+      choices=('stock', 'packed'), contract=True)
 
 
 # --- Where it runs: the roles.
@@ -391,8 +412,25 @@ class LearnerConfig(RunConfig):
   """python -m learner."""
   strategy: str = setting(
       'default', 'learner: tf.distribute strategy. mirrored uses every GPU, '
-      'or every logical CPU device when there is no GPU.',
-      choices=('default', 'mirrored', 'tpu'))
+      'or every logical CPU device when there is no GPU; multi_worker '
+      'trains one model synchronously over the learner processes of '
+      '--learner_workers (or TF_CONFIG), on one machine or many.',
+      choices=('default', 'mirrored', 'tpu', 'multi_worker'))
+  learner_workers: Union[int, Tuple[str, ...]] = setting(
+      (), '--strategy=multi_worker: every learner worker\'s host:port (the '
+      'same list in the same order on every worker; the first is the chief, '
+      'which alone pushes weights and writes under --root_dir). Empty: from '
+      'the TF_CONFIG environment variable. launcher: a number N starts N '
+      'workers on this machine.', kind='string', flag_default='',
+      parse=_learner_workers)
+  learner_index: int = setting(
+      0, '--strategy=multi_worker: this worker\'s index in '
+      '--learner_workers (0: the chief).', lower=0)
+  collective_timeout_s: float = setting(
+      120.0, '--strategy=multi_worker: a collective op (the gradient '
+      'all-reduce) that waits longer than this for the other workers ends '
+      'this worker with one line (a worker that hangs or is gone).',
+      lower=1)
   tpu_address: str = setting(
       '', 'learner: TPU name or address for --strategy=tpu.')
   logical_cpu_devices: int = setting(

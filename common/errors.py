@@ -23,3 +23,22 @@ def one_line(error: BaseException, limit: int = 160,
     lines = [' '.join(lines)]
   text = ' '.join(lines[0].split())[:limit] if lines else ''
   return text or type(error).__name__
+
+
+_REASON_WORDS = ('abort', 'heartbeat', 'timed out', 'timeout', 'deadline',
+                 'unavailable', 'connect', 'socket', 'cancel', 'peer',
+                 'error')
+
+
+def op_error_reason(error: BaseException, limit: int = 200) -> str:
+  """The line of a TensorFlow error that says why: its first line is often
+  'Graph execution error:' or 'in user code:', the rest a traceback and
+  node names."""
+  lines = [' '.join(line.split()) for line in str(error).splitlines()]
+  lines = [line for line in lines if line and not line.startswith(
+      ('[[', 'File ', 'Detected at node', 'Graph execution error',
+       'in user code'))]
+  for line in reversed(lines):
+    if any(word in line.lower() for word in _REASON_WORDS):
+      return line[:limit]
+  return lines[-1][:limit] if lines else type(error).__name__

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -175,6 +176,34 @@ def seed_everything(seed: int, program: str) -> None:
 
 # The running program's name, as `run` was given it (for `exit_with_error`).
 _program = None
+
+
+def release_in_background(objects) -> None:
+  """Drops the last references to `objects` on a daemon thread.
+
+  Tearing down a Reverb client, writer or dataset that still holds a stream
+  to a server that was killed can block inside C++ (seen: a learner whose
+  replay shard was restarted hung after its final checkpoint, in the
+  deallocation of its input pipeline). Done here, that wait keeps no caller
+  from finishing; the process then ends with `exit_now`.
+  """
+  held = [objects]
+
+  def release():
+    time.sleep(1.0)  # The caller's own references are gone by then.
+    held.clear()
+
+  threading.Thread(target=release, daemon=True,
+                   name='release-in-background').start()
+
+
+def exit_now(code: int = 0) -> None:
+  """Flushes the logs and ends the process without interpreter teardown
+  (which would wait on objects stuck in C++, see `release_in_background`)."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def exit_with_error(message: str) -> None:

@@ -19,8 +19,8 @@ from common.errors import UserError
 from common.errors import one_line
 
 # Errors after which a retry can succeed: the server is restarting or slow.
-_TRANSIENT_TYPES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                    tf.errors.CancelledError,
+_TRANSIENT_TYPES = (TimeoutError, tf.errors.UnavailableError,
+                    tf.errors.DeadlineExceededError, tf.errors.CancelledError,
                     reverb.errors.DeadlineExceededError)
 # Other errors are transient only when they say the connection went away:
 # Reverb's Python client reports a dropped connection ("Connection reset by

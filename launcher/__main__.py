@@ -15,6 +15,7 @@ import portpicker
 from common import config as config_lib
 from common import config_flags
 from common import presets
+from common.errors import UserError
 from launcher import supervisor
 
 
@@ -41,7 +42,7 @@ def children(config: config_lib.LauncherConfig, argv_flags, ports,
     name = 'replay_server' + (f'_{shard}' if shard else '')
     kids.append(supervisor.Child(name, 'replay_server',
                                  common_args + server_args))
-  kids.append(supervisor.Child('learner', 'learner', common_args))
+  kids += learners(config, common_args)
   for task in range(config.num_actors):
     kids.append(supervisor.Child(
         f'actor_{task}', 'actor',
@@ -51,6 +52,26 @@ def children(config: config_lib.LauncherConfig, argv_flags, ports,
     kids.append(supervisor.Child('evaluator', 'actor',
                                  common_args + ['--mode=eval']))
   return kids
+
+
+def learners(config: config_lib.LauncherConfig, common_args):
+  """The learner, or with --learner_workers=N the N workers of one
+  multi-worker learner on this machine (worker 0, the chief, is `learner`).
+  """
+  workers = config.learner_workers
+  if not workers:
+    return [supervisor.Child('learner', 'learner', common_args)]
+  if not isinstance(workers, int):
+    raise UserError('launcher: --learner_workers takes a count N (it starts '
+                    'N learner workers on this machine); to run workers on '
+                    'several machines, start `python -m learner` on each')
+  addresses = ','.join(f'localhost:{portpicker.pick_unused_port()}'
+                       for _ in range(workers))
+  return [supervisor.Child(
+      'learner' + (f'_{i}' if i else ''), 'learner',
+      common_args + ['--strategy=multi_worker',
+                     f'--learner_workers={addresses}', f'--learner_index={i}'],
+      group='learner') for i in range(workers)]
 
 
 def main(_):

@@ -62,6 +62,9 @@ class Child:
   args: List[str]
   restartable: bool = False
   kind: str = ''
+  # Members of one group (the workers of a multi-worker learner) live and
+  # die together: one that dies restarts them all.
+  group: str = ''
   proc: Optional[subprocess.Popen] = None
   restarts: int = 0  # All restarts so far.
   failures: int = 0  # Consecutive deaths, reset after a healthy run.
@@ -340,16 +343,55 @@ class Supervisor:
         self.say(f'[launcher] {c.role} died with exit code {code}')
         self._exit_code = 1
 
+  def _group(self, c: Child) -> List[Child]:
+    return [m for m in self.children if m.group == c.group] if c.group else [c]
+
   def _learner_exited(self, c: Child, code: int, now: float) -> None:
+    group = self._group(c)
     if code == 0:
       c.done = True
-      self._learner_done = now
-      self.say('[launcher] learner finished (exit 0); waiting for actors and '
-               'evaluator to see the final weights')
-    else:
+      if all(m.done for m in group):
+        self._learner_done = now
+        self.say('[launcher] learner finished (exit 0); waiting for actors '
+                 'and evaluator to see the final weights')
+    elif len(group) == 1:
       self.say(f'[launcher] learner died with exit code {code}; stopping the '
                'cluster (see its log above)')
       self._fail('learner failed')
+    else:
+      self._restart_group(group, c, code, now)
+
+  def _restart_group(self, group: List[Child], c: Child, code: int,
+                     now: float) -> None:
+    """A worker of a multi-worker learner died: its peers cannot go on
+    (their collectives wait for it), so every worker is stopped and, after
+    the backoff, the whole group starts again from the chief's checkpoint.
+    """
+    chief = group[0]
+    if now - chief.started_at >= self.healthy_after_s:
+      chief.failures = 0
+    chief.failures += 1
+    for m in group:
+      if m.proc is not None and m.proc.poll() is None:
+        try:
+          os.killpg(m.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+        m.proc.wait()
+    if chief.failures > self.max_restarts:
+      self.say(f'[launcher] {c.role} died with exit code {code}; the '
+               f'learner workers failed {chief.failures} times in a row '
+               f'(--max_actor_restarts={self.max_restarts}); stopping the '
+               'cluster (see their logs above)')
+      self._fail('learner workers failed')
+      return
+    delay = self.restart_delay_s(chief.failures)
+    self.say(f'[launcher] {c.role} died with exit code {code}; restarting '
+             f'all {len(group)} learner workers in {delay:.1f}s (they resume '
+             "from the chief's last checkpoint; consecutive failure "
+             f'{chief.failures}/{self.max_restarts})')
+    for m in group:
+      m.done, m.restart_at = False, now + delay
 
   def _collector_exited(self, c: Child, code: int, now: float) -> None:
     """Restarts a dead actor after its backoff, or marks it done, and why."""

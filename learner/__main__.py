@@ -19,8 +19,12 @@ def main(_):
   # that is gone still exits on its own.
   stop = process.StopRequest(deadline_s=25).install()
   strategy_lib.split_cpu(config.logical_cpu_devices)
-  strategy = strategy_lib.make_strategy(config.strategy, config.tpu_address)
+  strategy = strategy_lib.make_strategy(
+      config.strategy, config.tpu_address, config.learner_workers,
+      config.learner_index, config.collective_timeout_s,
+      register_timeout_s=config.server_timeout_s)
   train.train(config, strategy, stop)
+  process.exit_now(0)  # Final state written; no teardown to wait on.
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ cut short (disk full, SIGKILL) leaves files that are never restored.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -283,3 +284,12 @@ class Checkpoints:
       return False
     self.last_saved = self._checkpointer.manager.latest_checkpoint
     return True
+
+
+def fingerprint(variables) -> str:
+  """A short hash of the values of `variables` (a nest): workers of one
+  multi-worker learner that trained in lockstep print the same one."""
+  digest = hashlib.sha256()
+  for v in tf.nest.flatten(variables):
+    digest.update(np.ascontiguousarray(v.numpy()).tobytes())
+  return digest.hexdigest()[:16]

@@ -9,8 +9,11 @@ checkpoints, policy saving, weight pushes and the progress line (also
 published to the servers as status data). `_finish` writes the final state.
 """
 
+import atexit
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Optional, Tuple
 
@@ -22,6 +25,7 @@ from tf_agents.train import triggers as tfa_triggers
 
 from common import agents
 from common import build as build_lib
+from common import compat
 from common import config as config_lib
 from common import outputs
 from common import process
@@ -32,6 +36,7 @@ from common.errors import one_line
 from learner import dataset as dataset_lib
 from learner import priorities as priorities_lib
 from learner import run_record
+from learner import strategy as strategy_lib
 from learner import train_step as train_step_lib
 from learner import triggers
 from variable_container import client as variable_client
@@ -50,24 +55,31 @@ class LearnerResult:
 def train(settings: config_lib.LearnerConfig, strategy: tf.distribute.Strategy,
           should_stop: Callable[[], bool] = lambda: False) -> LearnerResult:
   """Trains until `settings.train_steps` or `should_stop()`; returns a summary."""
-  s = settings
+  s = _worker_settings(settings, strategy)
+  chief = strategy_lib.worker_index(strategy) == 0
   built, run_settings, recorded = _build(s, strategy)
   _check_shards(s, built.agent, should_stop)
-  container = _connect_variables(s, built.variables, should_stop)
+  container = (_connect_variables(s, built.variables, should_stop) if chief
+               else _NoPush())
   updater = _priority_updater(s, strategy)
   learner, restored = _make_learner(s, strategy, built, updater, should_stop)
   checkpoints = _restore(s, built, restored, run_settings, recorded)
+  # Every worker starts from the chief's (restored) state.
+  strategy_lib.broadcast_from_chief(
+      strategy, compat.checkpointed_variables(built.agent, built.train_step))
   start_step = int(learner.train_step_numpy)
   policy_saver = _policy_saver(s, built, start_step)
-  _push_initial_weights(s, container, built.variables, start_step,
-                        strategy.num_replicas_in_sync)
+  if chief:
+    _push_initial_weights(s, container, built.variables, start_step,
+                          strategy.num_replicas_in_sync)
   calls = train_step_lib.TrainCalls(
       learner, s.shards, s.root_dir,
       new_iterator=lambda: _new_iterator(s, strategy, built, should_stop),
       wait_for_any_shard=lambda: _wait_for_any_shard(s, should_stop),
-      last_checkpoint=lambda: checkpoints.last_saved, should_stop=should_stop)
-  publisher = status.Publisher(s.shards + (s.variable_address,),
-                              status.LEARNER)
+      last_checkpoint=lambda: checkpoints.last_saved, should_stop=should_stop,
+      multi_worker=strategy_lib.is_multi_worker(strategy))
+  publisher = status.Publisher(
+      s.shards + (s.variable_address,) if chief else (), status.LEARNER)
   progress_line = triggers.ProgressLine(s.log_interval_s, start_step,
                                         s.train_steps, lambda: calls.loss,
                                         publisher)
@@ -86,7 +98,8 @@ def train(settings: config_lib.LearnerConfig, strategy: tf.distribute.Strategy,
   try:
     try:
       step = _train_loop(s, calls, loop_triggers, push, built.train_step,
-                         should_stop)
+                         lambda: strategy_lib.any_worker(strategy,
+                                                         should_stop()))
     finally:
       heartbeat.stop()
       _stop_updater(updater)
@@ -94,6 +107,10 @@ def train(settings: config_lib.LearnerConfig, strategy: tf.distribute.Strategy,
                    progress_line, step, start_step, calls.loss)
   finally:
     publisher.stop()
+    # The pipeline, clients and writers are torn down off this thread: one
+    # holding a stream to a killed server can block in C++ (the learner
+    # would hang after its final checkpoint).
+    process.release_in_background(dict(locals()))
 
 
 def _train_loop(s: config_lib.LearnerConfig, calls: train_step_lib.TrainCalls,
@@ -129,7 +146,8 @@ def _finish(s: config_lib.LearnerConfig, checkpoints: run_record.Checkpoints,
   container.flush()
   rate = progress_line.overall_rate(step)
   logging.info('learner: finished at train_step %d (started at %d); loss '
-               '%.4g; %.1f train steps/s', step, start_step, loss, rate)
+               '%.4g; %.1f train steps/s; weights fingerprint %s', step,
+               start_step, loss, rate, run_record.fingerprint(variables))
   publisher.publish(train_step=step, train_steps=s.train_steps,
                     steps_per_s=rate, finished=True)
   publisher.flush(timeout_s=5.0)
@@ -139,6 +157,39 @@ def _finish(s: config_lib.LearnerConfig, checkpoints: run_record.Checkpoints,
                     f'{checkpoints.last_saved}: free space under '
                     f'--root_dir={s.root_dir}')
   return LearnerResult(step, start_step, loss, rate)
+
+
+class _NoPush:
+  """A worker other than the chief pushes nothing (the chief's weights are
+  its own: the workers train in lockstep)."""
+
+  def push(self, variables) -> None:
+    del variables
+
+  def flush(self) -> None:
+    pass
+
+
+def _worker_settings(s: config_lib.LearnerConfig,
+                     strategy: tf.distribute.Strategy
+                     ) -> config_lib.LearnerConfig:
+  """A worker other than the chief writes its checkpoints, policies and
+  summaries (every worker takes part in each save, as TensorFlow asks) to a
+  scratch directory of its own: --root_dir is the chief's."""
+  index = strategy_lib.worker_index(strategy)
+  if strategy_lib.is_multi_worker(strategy):
+    logging.info('learner: worker %d of %d%s', index,
+                 strategy_lib.num_workers(strategy),
+                 ' (the chief: pushes weights, writes under --root_dir)'
+                 if index == 0 else '')
+  if index == 0:
+    return s
+  scratch = tempfile.mkdtemp(prefix=f'learner-worker{index}-')
+  logging.info('learner: worker %d writes its copies of the checkpoints to '
+               '%s (deleted at exit); the chief\'s --root_dir is the run\'s',
+               index, scratch)
+  atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+  return dataclasses.replace(s, root_dir=scratch)
 
 
 def _build(s: config_lib.LearnerConfig, strategy: tf.distribute.Strategy
@@ -252,6 +303,10 @@ def _experience_dataset(s: config_lib.LearnerConfig, strategy,
                         built: build_lib.Built,
                         should_stop) -> tf.data.Dataset:
   """One replica's `(experience, sample_info)` batches from every shard."""
+  # Workers stop together, between calls (`strategy.any_worker`): a
+  # worker's pipeline must not end inside a call its peers are in.
+  keep_going = ((lambda: True) if strategy_lib.is_multi_worker(strategy)
+                else (lambda: not should_stop()))
   return dataset_lib.experience_dataset(
       s.shards, table_names.REPLAY_TABLE, built.agent.collect_data_spec,
       s.agent.batch_size // strategy.num_replicas_in_sync,
@@ -260,7 +315,7 @@ def _experience_dataset(s: config_lib.LearnerConfig, strategy,
       prefetch=s.prefetch_batches,
       rate_limiter_timeout_ms=s.sample_timeout_ms,
       alive_bonus=s.alive_bonus,
-      keep_going=lambda: not should_stop())
+      keep_going=keep_going)
 
 
 def _new_iterator(s: config_lib.LearnerConfig, strategy, built: build_lib.Built,

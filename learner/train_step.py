@@ -18,6 +18,8 @@ from absl import logging
 import tensorflow as tf
 from tf_agents.train import learner as tfa_learner
 
+from common.errors import UserError
+from common.errors import op_error_reason
 from learner import run_record
 from learner import triggers
 
@@ -53,6 +55,20 @@ class Learner(tfa_learner.Learner):
     return self.strategy.run(self._step_fn, args=(experience, sample_info))
 
 
+_GROUP_BROKEN = _LOST_SERVER + (tf.errors.DeadlineExceededError,
+                                tf.errors.InternalError)
+
+
+def group_error(error: Exception, step: int,
+                last_checkpoint: Optional[str]) -> UserError:
+  """The one line that ends a multi-worker learner whose group broke."""
+  return UserError(
+      f'the learner workers lost one another at train_step {step} '
+      f'({type(error).__name__}: {op_error_reason(error)}); every worker '
+      'ends: restart all of them '
+      f'(they resume from the chief\'s last checkpoint, {last_checkpoint})')
+
+
 def _is_summary_write_error(error: Exception) -> bool:
   """The summary writer's flush failed (it raises at the end of `run`)."""
   text = str(error)
@@ -76,7 +92,7 @@ class TrainCalls:
   def __init__(self, learner: Learner, shards: Sequence[str], root_dir: str,
                new_iterator: Callable, wait_for_any_shard: Callable[[], None],
                last_checkpoint: Callable[[], Optional[str]],
-               should_stop: Callable[[], bool]):
+               should_stop: Callable[[], bool], multi_worker: bool = False):
     self._learner = learner
     self._shards = shards
     self._root_dir = root_dir
@@ -84,6 +100,7 @@ class TrainCalls:
     self._wait_for_any_shard = wait_for_any_shard
     self._last_checkpoint = last_checkpoint
     self._should_stop = should_stop
+    self._multi_worker = multi_worker
     self._iterator = None  # None: the Learner's own.
     self._summary_failures = 0
     self.loss = float('nan')
@@ -93,13 +110,15 @@ class TrainCalls:
     try:
       loss_info = self._learner.run(iterations=max(1, iterations),
                                     iterator=self._iterator)
-    except _LOST_SERVER as e:
-      logging.warning('learner: lost the replay server at %s (%s); '
-                      'waiting for it', ', '.join(self._shards),
-                      type(e).__name__)
-      self._wait_for_any_shard()
-      self._iterator = self._new_iterator()
-      return None
+    except _GROUP_BROKEN as e:
+      if not self._multi_worker:
+        if not isinstance(e, _LOST_SERVER):
+          raise
+        return self._lost_server(e)
+      # A peer is gone or hangs, or this worker's pipeline lost a server:
+      # its peers' collectives cannot complete, so the group ends together.
+      raise group_error(e, int(self._learner.train_step_numpy),
+                        self._last_checkpoint()) from None
     except _SUMMARY_WRITE_ERRORS as e:
       if not _is_summary_write_error(e):
         raise
@@ -120,6 +139,14 @@ class TrainCalls:
       return None
     self.loss = float(loss_info.loss.numpy())
     return self.loss
+
+  def _lost_server(self, error: Exception) -> None:
+    logging.warning('learner: lost the replay server at %s (%s); '
+                    'waiting for it', ', '.join(self._shards),
+                    type(error).__name__)
+    self._wait_for_any_shard()
+    self._iterator = self._new_iterator()
+    return None
 
   def _summaries_failed(self, error: Exception) -> None:
     # TensorBoard events (disk full): the steps were trained; their loss

@@ -2,6 +2,11 @@
 
 Run as `python -m tests.mirrored_losses --agent=sac|dqn`; prints one JSON
 line: {"default": [...], "mirrored": [...]} with each step's losses.
+With `--multi_worker host:port,host:port --index i` it is worker i of a
+`--strategy=multi_worker` learner instead (one process per worker, one
+replica each, each fed its slice of every global batch): it prints
+{"multi_worker": [...], "checksum": [...]}, the losses and a per-variable
+sum of its variables after the steps (every worker must hold the same).
 
 Both strategies train the project's agent (common/agents.py) with the
 learner's `train_step.Learner` (TF-Agents' Learner), as learner/train.py does, from the same initial weights (copied) on
@@ -29,10 +34,17 @@ BATCH = 32
 
 
 def main():
-  agent_name = sys.argv[sys.argv.index('--agent') + 1] if (
-      '--agent' in sys.argv) else 'sac'
+  agent_name = _arg('--agent', 'sac')
+  workers = _arg('--multi_worker', '')
   from learner import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
-  strategy_lib.split_cpu(2)
+  if workers:
+    # Before any op.
+    multi_worker = strategy_lib.make_strategy(
+        'multi_worker', workers=tuple(workers.split(',')),
+        index=int(_arg('--index', '0')), collective_timeout_s=60,
+        register_timeout_s=120)
+  else:
+    strategy_lib.split_cpu(2)
   # pylint: disable=g-import-not-at-top
   from tf_agents.specs import tensor_spec
   from tf_agents.train.utils import train_utils
@@ -89,6 +101,13 @@ def main():
     return [v for n in nets for v in n.variables]
 
   reference, _ = make_agent(tf.distribute.get_strategy())
+  # Weights from NumPy's seeded generator: the same in every process (the
+  # agents' own random initialization depends on what ran before).
+  rng = np.random.RandomState(0)
+  for v in initial_weights(reference):
+    scale = np.sqrt(3.0 / v.shape[0]) if len(v.shape) == 2 else 0.1
+    v.assign(rng.uniform(-scale, scale, v.shape).astype(
+        v.dtype.as_numpy_dtype))
   if agent_name == 'sac':
     dense = compat.actor_network_layers(reference).projection_layer
     kernel, bias = dense.kernel.numpy(), dense.bias.numpy()
@@ -101,8 +120,9 @@ def main():
   start = [v.numpy() for v in initial_weights(reference)]
 
   out = {}
-  for name in ('default', 'mirrored'):
-    strategy = strategy_lib.make_strategy(name)
+  for name in ('multi_worker',) if workers else ('default', 'mirrored'):
+    strategy = (multi_worker if workers else
+                strategy_lib.make_strategy(name))
     agent, train_step = make_agent(strategy)
     for v, value in zip(initial_weights(agent), start):
       v.assign(value)
@@ -111,7 +131,11 @@ def main():
     dataset = tf.data.Dataset.from_tensor_slices(
         tf.nest.map_structure(lambda *x: tf.stack(x), *batches))
     dataset = dataset.map(lambda b: (b, ()))
-    if name == 'mirrored':
+    if name == 'multi_worker':
+      iterator = iter(strategy.distribute_datasets_from_function(
+          lambda ctx: _worker_slices(dataset, ctx)))
+      replicas = strategy.num_replicas_in_sync
+    elif name == 'mirrored':
       iterator = iter(strategy.experimental_distribute_dataset(dataset))
       replicas = strategy.num_replicas_in_sync
     else:
@@ -133,7 +157,22 @@ def main():
       rows.append(row)
     out[name] = rows
     out[f'{name}_replicas'] = replicas
+    if name == 'multi_worker':
+      out['checksum'] = [float(np.sum(v.numpy(), dtype=np.float64))
+                         for v in agent.variables]
   print(json.dumps(out))
+
+
+def _arg(name: str, default: str) -> str:
+  return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+def _worker_slices(dataset, ctx):
+  """This worker's rows of every global batch (its replica's share)."""
+  per = ctx.get_per_replica_batch_size(BATCH)
+  start = ctx.input_pipeline_id * per
+  return dataset.map(lambda b, info: (tf.nest.map_structure(
+      lambda x: x[start:start + per], b), info))
 
 
 if __name__ == '__main__':

@@ -242,6 +242,11 @@ class ShardedVariablePusher:
       shard.done.set()
 
 
+# A push to one shard that takes longer is given up (the shard was killed
+# during it) and tried again.
+PUSH_TIMEOUT_S = 15.0
+
+
 class _ShardPusher(threading.Thread):
   """One shard's latest snapshot and the thread that pushes it."""
 
@@ -251,16 +256,53 @@ class _ShardPusher(threading.Thread):
     self._address = address
     self._who = who
     self._table = table
-    self._container = reverb_variable_container.ReverbVariableContainer(
-        address, table_names=[table])
+    self._connect()
     self._has_step_table = client.has_step_table
-    self._reverb = reverb.Client(address)
     self._latest = queue.Queue(maxsize=1)
     self._idle = threading.Event()
     self._idle.set()
     self._up = True
     self.pushed_step: Optional[int] = None
     self.done = threading.Event()
+
+  def _connect(self) -> None:
+    self._container = reverb_variable_container.ReverbVariableContainer(
+        self._address, table_names=[self._table])
+    self._reverb = reverb.Client(self._address)
+
+  def _push(self, snapshot, step: int) -> None:
+    self._container.push(snapshot, self._table)
+    if self._has_step_table:
+      one_value.insert_int64(self._reverb, table_names.TRAIN_STEP_TABLE, step)
+
+  def _push_within(self, snapshot, step: int) -> None:
+    """Pushes on a thread of its own, waiting at most PUSH_TIMEOUT_S.
+
+    An insert under way when the shard is killed can wait forever on the
+    dead stream (nothing times it out); it is left behind, and the next
+    try goes over a new connection, to the shard once it is back.
+    """
+    outcome = []
+
+    def push():
+      try:
+        self._push(snapshot, step)
+        outcome.append(None)
+      except Exception as e:  # pylint: disable=broad-except
+        outcome.append(e)
+
+    thread = threading.Thread(target=push, daemon=True,
+                              name=f'push {self._address}')
+    thread.start()
+    thread.join(PUSH_TIMEOUT_S)
+    if not outcome:
+      logging.warning('%s: a push to %s did not return in %gs; trying again '
+                      'over a new connection', self._who, self._address,
+                      PUSH_TIMEOUT_S)
+      self._connect()
+      raise TimeoutError(f'push to {self._address} timed out')
+    if outcome[0] is not None:
+      raise outcome[0]
 
   def offer(self, snapshot, step: int) -> None:
     self._idle.clear()
@@ -305,10 +347,7 @@ class _ShardPusher(threading.Thread):
         continue
       snapshot, step = pending
       try:
-        self._container.push(snapshot, self._table)
-        if self._has_step_table:
-          one_value.insert_int64(self._reverb, table_names.TRAIN_STEP_TABLE,
-                                 step)
+        self._push_within(snapshot, step)
         self.pushed_step, pending = step, None
         if self._latest.empty():
           self._idle.set()

@@ -1,0 +1,174 @@
+"""The learner as N workers under MultiWorkerMirroredStrategy (issue 20).
+
+Each worker is its own OS process on localhost with one CPU replica; they
+train one model in lockstep (ring all-reduce), worker 0 (the chief) alone
+pushes and writes under --root_dir.
+"""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import reverb
+
+from common import table_names
+from common.errors import UserError
+from launcher.local_cluster import REPO_ROOT, TINY, free_port, wait_until
+from learner import strategy as strategy_lib
+from variable_container import one_value
+
+
+def _workers(n: int = 2) -> str:
+  return ','.join(f'localhost:{free_port()}' for _ in range(n))
+
+
+def test_two_workers_give_one_learners_losses_and_identical_weights():
+  """Same weights, same global batches: 2 workers (a slice of each batch
+  each) give the losses of one default learner; after the steps both hold
+  the same variables (see tests/mirrored_losses.py)."""
+  workers = _workers()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'tests.mirrored_losses', '--agent', 'sac']
+      + (['--multi_worker', workers, '--index', str(i)] if i >= 0 else []),
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in (-1, 0, 1)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=400)
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  single, chief, other = results
+  assert chief['multi_worker_replicas'] == other['multi_worker_replicas'] == 2
+  for key in ('critic_loss', 'actor_loss'):
+    a = np.array([row[key] for row in single['default']])
+    for worker in (chief, other):
+      b = np.array([row[key] for row in worker['multi_worker']])
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=key)
+    assert np.ptp(a) > 1e-3, f'{key} never changed: {a}'
+  assert chief['checksum'] == other['checksum']
+
+
+def _flags(replay_port: int, train_steps: int, root: str):
+  return ['--env=Pendulum-v1', f'--replay_address=localhost:{replay_port}',
+          '--replay_capacity=5000', '--min_size_to_sample=100',
+          '--initial_collect_steps=100', f'--train_steps={train_steps}',
+          '--push_interval_steps=50', '--policy_save_interval=100000',
+          '--checkpoint_interval_steps=100', '--collective_timeout_s=30',
+          f'--root_dir={root}'] + TINY
+
+
+def _start_group(cluster, flags, workers: str, tag: str = ''):
+  for i in range(2):
+    cluster.start(f'learner_{i}{tag}', 'learner', flags + [
+        '--strategy=multi_worker', f'--learner_workers={workers}',
+        f'--learner_index={i}'])
+
+
+def _finished(log: str):
+  m = re.search(r'finished at train_step (\d+) \(started at (\d+)\); .*'
+                r'weights fingerprint (\w+)', log)
+  assert m, log[-3000:]
+  return int(m.group(1)), int(m.group(2)), m.group(3)
+
+
+def test_two_workers_train_and_the_chief_pushes(cluster, tmp_path):
+  port = free_port()
+  flags = _flags(port, 300, f'{tmp_path}/l')
+  cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
+  cluster.start('actor', 'actor', flags + [f'--root_dir={tmp_path}/a'])
+  _start_group(cluster, flags, _workers())
+  for i in range(2):
+    assert cluster.wait(f'learner_{i}', 400) == 0, cluster.tail(
+        f'learner_{i}')
+  chief, other = (_finished(cluster.log(f'learner_{i}')) for i in range(2))
+  assert chief[0] == other[0] >= 300
+  assert chief[2] == other[2], 'the workers ended with different weights'
+  log = cluster.log('learner_0')
+  assert 'batch 32 over 2 replica(s)' in log
+  assert 'worker 0 of 2 (the chief' in log
+  # The chief pushed the final weights; only it writes under --root_dir.
+  published = one_value.published_train_step(
+      reverb.Client(f'localhost:{port}'), timeout_s=5)
+  assert published == chief[0]
+  assert 'pushed initial weights' not in cluster.log('learner_1')
+  assert cluster.wait('actor', 60) == 0, cluster.tail('actor')
+
+
+def test_a_killed_worker_ends_the_other_and_the_group_resumes(cluster,
+                                                              tmp_path):
+  port = free_port()
+  flags = _flags(port, 100000, f'{tmp_path}/l')
+  cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
+  cluster.start('actor', 'actor', flags + [f'--root_dir={tmp_path}/a'])
+  _start_group(cluster, flags, _workers())
+  cluster.wait_for_log('learner_0', r'Saved checkpoint: .*ckpt-[1-9]', 400)
+  cluster.signal('learner_1', signal.SIGKILL)
+  # Gone peer: the chief ends on its own (heartbeat or collective timeout).
+  code = cluster.wait('learner_0', 90)
+  assert code not in (0, None), cluster.tail('learner_0')
+  errors = [line for line in cluster.log('learner_0').splitlines()
+            if line.startswith('learner: error:')]
+  assert len(errors) == 1, cluster.tail('learner_0')
+  assert 'learner workers lost one another at train_step' in errors[0]
+  saved = [int(s) for s in re.findall(r'ckpt-(\d+)',
+                                      cluster.log('learner_0'))]
+  # Restarted, the group resumes from the chief's last checkpoint.
+  flags = [f for f in flags if not f.startswith('--train_steps')]
+  _start_group(cluster, flags + [f'--train_steps={max(saved) + 100}'],
+               _workers(), tag='_again')
+  for i in range(2):
+    assert cluster.wait(f'learner_{i}_again', 400) == 0, cluster.tail(
+        f'learner_{i}_again')
+  ends = [_finished(cluster.log(f'learner_{i}_again')) for i in range(2)]
+  assert ends[0][1] == ends[1][1] == max(saved), ends  # Started there.
+  assert ends[0][2] == ends[1][2]
+
+
+@pytest.mark.parametrize('workers, index, tf_config, message', [
+    ((), 0, None, 'needs the workers'),
+    (2, 0, None, 'is a count'),
+    (('a:1', 'b:2'), 2, None, 'not an index of the 2'),
+    ((), 0, '{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", '
+     '"index": 0}}', 'is not "worker"'),
+    ((), 0, '{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {}}',
+     'jobs'),
+    ((), 0, 'not json', 'TF_CONFIG is not a cluster spec'),
+    (('a:1', 'b:2'), 0, '{"cluster": {"worker": ["a:1", "c:3"]}, "task": '
+     '{"type": "worker", "index": 0}}', 'different clusters'),
+])
+def test_bad_cluster_specs_are_one_line_each(workers, index, tf_config,
+                                            message):
+  with pytest.raises(UserError, match=message) as e:
+    strategy_lib.worker_cluster(workers, index, tf_config)
+  assert '\n' not in str(e.value)
+
+
+def test_good_cluster_specs():
+  assert strategy_lib.worker_cluster(('a:1', 'b:2'), 1, None) == (
+      ('a:1', 'b:2'), 1)
+  assert strategy_lib.worker_cluster((), 0, json.dumps({
+      'cluster': {'worker': ['a:1', 'b:2']},
+      'task': {'type': 'worker', 'index': 1}})) == (('a:1', 'b:2'), 1)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--strategy=multi_worker', '--learner_workers=localhost:1,localhost:1'],
+     'names a server twice'),
+    (['--learner_workers=localhost:1'], 'needs --strategy=multi_worker'),
+    (['--strategy=multi_worker'], 'needs the workers'),
+])
+def test_the_learner_refuses_a_bad_cluster_in_one_line(tmp_path, args,
+                                                       message):
+  out = subprocess.run(
+      [sys.executable, '-m', 'learner', '--env=Pendulum-v1',
+       f'--root_dir={tmp_path}'] + args,
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+      env={k: v for k, v in __import__('os').environ.items()
+           if k != 'TF_CONFIG'})
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if 'error:' in l]
+  assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
