@@ -232,3 +232,30 @@ def test_no_actor_left_stops_the_cluster_with_one_line(cluster, tmp_path):
           'cluster') in log, log[-3000:]
   assert 'restarting actor_0' not in log
   assert not _children_of(root, launcher.pid), 'orphans left behind'
+
+
+def test_launcher_runs_learner_workers_and_restarts_the_group(cluster,
+                                                             tmp_path):
+  """--learner_workers=2: two learner processes train one model; one that
+  is killed has the launcher restart both, and the run still ends at
+  --train_steps from the chief's checkpoint."""
+  root = str(tmp_path / 'run')
+  launcher = cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', '--train_steps=1200', '--learner_workers=2',
+      '--checkpoint_interval_steps=200', '--with_evaluator=false',
+      '--collective_timeout_s=30'])
+  cluster.wait_for_log('launcher', r'\[learner\].*Saved checkpoint', 300)
+  victims = [p for p, argv in _children_of(root, launcher.pid).items()
+             if '--learner_index=1' in ' '.join(argv)]
+  assert len(victims) == 1, victims
+  os.kill(victims[0], signal.SIGKILL)
+  cluster.wait_for_log('launcher', r'learner_1 died with exit code -9; '
+                       r'restarting all 2 learner workers', 60)
+  assert cluster.wait('launcher', 400) == 0, cluster.tail('launcher', 80)
+  log = cluster.log('launcher')
+  ends = re.findall(r'\[(learner(?:_1)?)\].*finished at train_step (\d+) '
+                    r'\(started at (\d+)\).*weights fingerprint (\w+)', log)
+  assert len(ends) == 2, log[-4000:]
+  assert {e[0] for e in ends} == {'learner', 'learner_1'}
+  assert ends[0][1:] == ends[1][1:], ends  # Same steps, same weights.
+  assert int(ends[0][1]) >= 1200 and int(ends[0][2]) > 0, ends  # Resumed.

@@ -6,6 +6,7 @@ pushes and writes under --root_dir.
 """
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -167,8 +168,7 @@ def test_the_learner_refuses_a_bad_cluster_in_one_line(tmp_path, args,
       [sys.executable, '-m', 'learner', '--env=Pendulum-v1',
        f'--root_dir={tmp_path}'] + args,
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-      env={k: v for k, v in __import__('os').environ.items()
-           if k != 'TF_CONFIG'})
+      env={k: v for k, v in os.environ.items() if k != 'TF_CONFIG'})
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [l for l in out.stderr.splitlines() if 'error:' in l]
   assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]

@@ -325,3 +325,28 @@ def test_the_env_rate_is_each_shards_insert_growth_over_the_window():
   line.update({'inserted_items': {'b': 45}}, now=4.0)
   assert line.env_rate == 20.0
   assert '20.0 env steps/s (2 actors)' in line.line(2, elapsed_s=5.0)
+
+
+def test_a_dead_learner_worker_restarts_the_whole_group(tmp_path):
+  """Workers of one multi-worker learner live and die together: one that
+  dies has the others killed and all of them started again after the
+  backoff; the run ends once every worker exited 0."""
+  out = Lines()
+  group = [supervisor.Child('learner', STUB, [], group='learner',
+                            kind='learner'),
+           supervisor.Child('learner_1', STUB,
+                            ['--exit_after_s=1', '--code=1'],
+                            group='learner', kind='learner')]
+  sup = supervisor.Supervisor(
+      group + [actor_stub(0)], str(tmp_path / 'logs'), train_steps=100,
+      max_restarts=1, restart_backoff_s=0.5, out=out)
+  code, _ = run(sup, timeout_s=60)
+  text = out.text()
+  assert re.search(r'learner_1 died with exit code 1; restarting all 2 '
+                   r'learner workers in 0.5s', text), text
+  # Both were started again (the chief was killed, not left running alone).
+  assert 'restarting learner (restart 1)' in text, text
+  assert 'restarting learner_1 (restart 1)' in text, text
+  # The second death is past --max_actor_restarts=1: the run fails.
+  assert 'the learner workers failed 2 times in a row' in text, text
+  assert code == 1, text
