@@ -144,8 +144,8 @@ class _Collection:
                             env=env)
     self.agent, self.variables = built.agent, built.variables
     reverb_connection.check_table_signature(
-        info, table_names.REPLAY_TABLE, agents.replay_signature(self.agent),
-        write_address)
+        info, table_names.REPLAY_TABLE,
+        agents.replay_signature(self.agent, s.replay_layout), write_address)
     # With variables on every shard, this actor reads its own write shard:
     # the loss of another shard (the first included) does not stop it.
     self.container = VariableContainerClient(

@@ -13,21 +13,51 @@ the writer's history for every item (the Reverb writer's Python layer and
 `tf.nest` cost more than the C++ append, item and flush together); here each
 step's column references go to the C++ writer directly, through
 `common.compat.DirectTrajectoryWriter`.
+
+It writes the layout the table's signature says (`--replay_layout`): stock,
+a column per field of TF-Agents' Trajectory (chunked per column, as
+TF-Agents' observer does), or packed, each item one float32 tensor [item
+steps, fields] (`common.agents.packed_width`) appended as one step in a chunk
+of its own, so the learner receives one chunk per item instead of one per
+field and step (BENCHMARKS.md).
 """
 
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import logging
+import numpy as np
 import reverb
 from tf_agents.trajectories import time_step as ts
+import tree
 
+from common import agents
 from common import compat
 from common import table_names
 
 
 class CollectionStopped(Exception):
   """Raised from inside a collect step when the actor should stop."""
+
+
+def table_layout(py_client: reverb.Client, table: str) -> str:
+  """'packed' or 'stock', as `table`'s signature says."""
+  info = py_client.server_info(timeout=60).get(table)
+  return 'packed' if info is not None and agents.is_packed(
+      info.signature) else 'stock'
+
+
+def _words(value) -> np.ndarray:
+  """One field of a step as float32 words (`common.agents.packed_width`)."""
+  value = np.asarray(value)
+  if value.dtype.itemsize in (4, 8):
+    return np.ascontiguousarray(value).reshape(-1).view(np.float32)
+  return value.reshape(-1).astype(np.float32)
+
+
+def packed_step(trajectory) -> np.ndarray:
+  """A step's fields, `tree.flatten` order, as one float32 vector."""
+  return np.concatenate([_words(x) for x in tree.flatten(trajectory)])
 
 
 class StoppableTrajectoryObserver:
@@ -37,21 +67,40 @@ class StoppableTrajectoryObserver:
   one item per step once `sequence_length` steps of the episode are in, none
   spanning two episodes. Interruptible while the rate limiter holds it;
   `update_priority` sets the priority of the items written from then on.
+
+  `layout`: 'stock' or 'packed'; None, the one the table's signature says.
+  `chunk_length`: steps per chunk, for every column; None: Reverb's auto-tuned
+  length (stock, as TF-Agents' observer), 1 (packed: one item a chunk).
   """
 
   def __init__(self, py_client: reverb.Client,
                should_stop: Callable[[], bool], sequence_length: int = 2,
                max_in_flight_items: int = 16, wait_slice_ms: int = 500,
-               who: str = 'actor'):
+               who: str = 'actor', layout: Optional[str] = None,
+               chunk_length: Optional[int] = None,
+               table: str = table_names.REPLAY_TABLE):
     self._py_client = py_client
-    self._table_names = [table_names.REPLAY_TABLE]
+    self._table_names = [table]
     self._sequence_length = sequence_length
     self._stride_length = table_names.STRIDE_LENGTH
     self._priority = 1.0
-    # One more reference kept alive than an item spans, as TF-Agents' has.
+    self.layout = layout or table_layout(py_client, table)
+    if self.layout not in ('stock', 'packed'):
+      raise ValueError(f'layout {self.layout!r}: expected stock or packed')
+    self._packed = self.layout == 'packed'
+    # One more reference kept alive than an item spans, as TF-Agents' has;
+    # a packed item is one reference.
+    keep_alive = 2 if self._packed else sequence_length + 1
+    if chunk_length is None and self._packed:
+      chunk_length = 1  # A chunk holding other items is sent with each.
+    self._chunk_options = None if chunk_length is None else dict(
+        num_keep_alive_refs=max(keep_alive, chunk_length),
+        max_chunk_length=chunk_length)
     self._writer = py_client.trajectory_writer(
-        num_keep_alive_refs=sequence_length + 1, validate_items=False)
-    self._direct = compat.DirectTrajectoryWriter(self._writer)
+        num_keep_alive_refs=max(keep_alive, chunk_length or 1),
+        validate_items=False)
+    self._direct = compat.DirectTrajectoryWriter(self._writer,
+                                                 squeeze=self._packed)
     self._should_stop = should_stop
     self._max_in_flight = max_in_flight_items
     self._wait_slice_ms = wait_slice_ms
@@ -59,7 +108,8 @@ class StoppableTrajectoryObserver:
     self.blocked_s = 0.0
     self._cached_steps = 0  # Steps of this episode so far.
     self._last_trajectory = None
-    # The column references of the last `sequence_length` steps.
+    # The column references (stock) or packed fields (packed) of the last
+    # `sequence_length` steps.
     self._steps = []
 
   @property
@@ -71,7 +121,10 @@ class StoppableTrajectoryObserver:
     """Appends one step, writes its item, then waits for room."""
     self._last_trajectory = trajectory
     steps = self._steps
-    steps.append(self._direct.append(trajectory))
+    if self._chunk_options is not None:
+      self._configure_chunks(trajectory)
+    steps.append(packed_step(trajectory) if self._packed else
+                 self._direct.append(trajectory))
     if len(steps) > self._sequence_length:
       del steps[0]
     self._cached_steps += 1
@@ -87,9 +140,20 @@ class StoppableTrajectoryObserver:
     if (self._cached_steps < length or
         (self._cached_steps - length) % self._stride_length):
       return
-    columns = [list(column) for column in zip(*self._steps[-length:])]
+    if self._packed:
+      columns = [self._direct.append(np.stack(self._steps[-length:]))]
+    else:
+      columns = [list(column) for column in zip(*self._steps[-length:])]
     for table in self._table_names:
       self._direct.create_item(table, self._priority, columns)
+
+  def _configure_chunks(self, trajectory) -> None:
+    """Every column's chunk length, before its first step."""
+    paths = ([()] if self._packed else
+             [path for path, _ in tree.flatten_with_path(trajectory)])
+    for path in paths:
+      self._writer.configure(path, **self._chunk_options)
+    self._chunk_options = None
 
   def reset(self, write_cached_steps: bool = True) -> None:
     """Ends the episode; with `write_cached_steps`, writes its last item

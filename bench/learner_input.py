@@ -32,6 +32,11 @@ flags.DEFINE_string('learner_pipeline', '{}', 'JSON of pipeline knobs (see '
                     'bench.replay_shards); {}: the learner\'s own pipeline.')
 flags.DEFINE_integer('server_pid', 0, 'The replay server\'s pid (its CPU '
                      'seconds are read while the learner trains on it).')
+flags.DEFINE_integer('learner_train_steps', 600, 'Train steps measured on '
+                     'each input (longer: room for a profiler to attach).')
+flags.DEFINE_integer('learner_slices', 6, 'Turns the live and the in-memory '
+                     'learner take, alternating (drift on a shared machine '
+                     'then weighs on both alike).')
 
 
 def train_rate(learner, train_steps, iterations=10):
@@ -54,8 +59,8 @@ def batches_per_s(dataset, seconds=10):
 
 
 def live_dataset_fn(address, agent, knobs=None):
-  """The learner's own pipeline; with `knobs`, bench.replay_shards' copy of
-  it with those Reverb settings."""
+  """The learner's own pipeline; with `knobs`, with those settings
+  (`bench.replay_shards.pipeline`; `{'table': name}` samples that table)."""
   from common import config as config_lib  # pylint: disable=g-import-not-at-top
   from common import table_names  # pylint: disable=g-import-not-at-top
   from learner import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
@@ -68,26 +73,44 @@ def live_dataset_fn(address, agent, knobs=None):
       config_lib.SacConfig().batch_size, 2)
 
 
-def _metered(learner, train_steps, meter):
-  """(train steps/s, {process: CPU ms per train step} or None)."""
-  if meter is None:
-    return train_rate(learner, train_steps), None
-  m = meter()
-  start = time.perf_counter()
-  rate = train_rate(learner, train_steps)
-  spent = m.read()
-  steps = rate * (time.perf_counter() - start)  # Counts the 2 warm-up calls.
-  return rate, {name: round(1000 * seconds / steps, 2)
-                for name, seconds in spent.items() if name != 'wall'}
+def _alternating(learners, train_steps, meter, slices, iterations=10):
+  """{name: (train steps/s, {process: CPU ms per train step} or None)}.
+
+  Each learner trains `train_steps` in `slices` turns, taken in alternation,
+  so that what else the machine runs weighs on all of them alike.
+  """
+  per_slice = max(1, train_steps // slices // iterations)
+  wall = dict.fromkeys(learners, 0.0)
+  cpu = {name: {} for name in learners}
+  for learner in learners.values():
+    learner.run(iterations=iterations)  # Warm up.
+  for _ in range(slices):
+    for name, learner in learners.items():
+      m = meter() if meter else None
+      start = time.perf_counter()
+      for _ in range(per_slice):
+        learner.run(iterations=iterations)
+      wall[name] += time.perf_counter() - start
+      if m:
+        for process_name, seconds in m.read().items():
+          if process_name != 'wall':
+            cpu[name][process_name] = (cpu[name].get(process_name, 0.0) +
+                                       seconds)
+  steps = slices * per_slice * iterations
+  return {name: (steps / wall[name],
+                 {p: round(1000 * seconds / steps, 2)
+                  for p, seconds in cpu[name].items()} if meter else None)
+          for name in learners}
 
 
 def learner_rates(env_name, address, workdir, train_steps=600, meter=None,
-                  knobs=None):
+                  knobs=None, slices=1):
   """Train steps/s from the live table and from one batch in memory.
 
   Returns (live rate, memory rate, live CPU, memory CPU); with `meter` (a
   callable returning a fresh `fixtures.CpuMeter`), each CPU is {process: CPU
-  ms per train step}, else None.
+  ms per train step}, else None. With `slices` > 1, the two take turns
+  (`slices` each).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_agents.train import learner as tfa_learner  # pylint: disable=g-import-not-at-top
@@ -97,8 +120,6 @@ def learner_rates(env_name, address, workdir, train_steps=600, meter=None,
                              agent.train_step_counter, agent, live_dataset,
                              checkpoint_interval=-1, summary_interval=0)
   live.run(iterations=10)  # Trace outside the metered window.
-  live_rate, live_cpu = _metered(live, train_steps, meter)
-
   batch = next(iter(live_dataset()))
   agent2 = fixtures.build_sac(env_name).agent
   memory = tfa_learner.Learner(
@@ -106,7 +127,10 @@ def learner_rates(env_name, address, workdir, train_steps=600, meter=None,
       lambda: tf.data.Dataset.from_tensors(batch).repeat(),
       checkpoint_interval=-1, summary_interval=0)
   memory.run(iterations=10)
-  memory_rate, memory_cpu = _metered(memory, train_steps, meter)
+  rates = _alternating({'live': live, 'memory': memory}, train_steps, meter,
+                       slices)
+  (live_rate, live_cpu), (memory_rate, memory_cpu) = (rates['live'],
+                                                      rates['memory'])
   return live_rate, memory_rate, live_cpu, memory_cpu
 
 
@@ -117,10 +141,16 @@ def _measure_here(env_name, address, server_pid, knobs):
     pids['server'] = server_pid
   live, memory, live_cpu, memory_cpu = learner_rates(
       env_name, address, tempfile.mkdtemp(prefix='sac-bench-learner-'),
-      meter=lambda: fixtures.CpuMeter(pids), knobs=knobs)
+      train_steps=flags.FLAGS.learner_train_steps,
+      meter=lambda: fixtures.CpuMeter(pids), knobs=knobs,
+      slices=flags.FLAGS.learner_slices)
   return {'train_steps_per_s_live_table': round(live, 1),
           'train_steps_per_s_in_memory': round(memory, 1),
           'input_efficiency': round(live / memory, 3),
+          # The same from the learner's CPU per train step: what one core
+          # would give without the other processes that share it.
+          'input_efficiency_cpu': round(
+              memory_cpu['learner'] / live_cpu['learner'], 3),
           'cpu_ms_per_train_step_live': live_cpu,
           'cpu_ms_per_train_step_in_memory': memory_cpu}
 

@@ -89,7 +89,7 @@ def _measure_worker(address: str, workers: str, index: int,
   if workers:
     strategy = strategy_lib.make_strategy(
         'multi_worker', workers=tuple(workers.split(',')), index=index,
-        collective_timeout_s=120, register_timeout_s=300)
+        worker_timeout_s=60, register_timeout_s=300)
   else:
     strategy = strategy_lib.make_strategy('default')
   # pylint: disable=g-import-not-at-top

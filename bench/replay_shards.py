@@ -41,38 +41,18 @@ ITEMS_PER_SHARD = 20000
 
 
 def pipeline(addresses, data_spec, knobs):
-  """The learner's pipeline; with Reverb knobs, a copy of it that sets them."""
+  """The learner's pipeline (`learner.dataset.experience_dataset`), with the
+  knobs given: `parallel_readers`, `table` and Reverb's TrajectoryDataset
+  settings (max_in_flight_samples_per_worker, num_workers_per_iterator,
+  max_samples_per_stream)."""
   from learner import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   from common import table_names  # pylint: disable=g-import-not-at-top
-  readers = knobs.get('parallel_readers', 2)
-  reverb_knobs = {k: v for k, v in knobs.items() if k != 'parallel_readers'}
-  if not reverb_knobs:
-    return dataset_lib.experience_dataset(
-        addresses, table_names.REPLAY_TABLE, data_spec, BATCH, 2,
-        parallel_readers=readers)
-  import reverb  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  signature = reverb.Client(addresses[0]).server_info()[
-      table_names.REPLAY_TABLE].signature
-  shapes = tf.nest.map_structure(lambda x: x.shape, signature)
-  dtypes = tf.nest.map_structure(lambda x: x.dtype, signature)
-  reverb_knobs.setdefault('max_in_flight_samples_per_worker', 2 * BATCH)
-
-  def reader(server):
-    return reverb.TrajectoryDataset(
-        server_address=server, table=table_names.REPLAY_TABLE, shapes=shapes,
-        dtypes=dtypes, **reverb_knobs).batch(BATCH, drop_remainder=True)
-
-  def repack(sample):
-    tensors = [tf.ensure_shape(t, [BATCH, 2] + list(spec.shape))
-               for t, spec in zip(tf.nest.flatten(sample.data),
-                                  tf.nest.flatten(data_spec))]
-    return tf.nest.pack_sequence_as(data_spec, tensors), sample.info
-
-  servers = [a for a in addresses for _ in range(readers)]
-  return tf.data.Dataset.from_tensor_slices(servers).interleave(
-      reader, cycle_length=len(servers), num_parallel_calls=len(servers),
-      deterministic=False).map(repack).prefetch(8)
+  knobs = dict(knobs)
+  readers = knobs.pop('parallel_readers', 2)
+  table = knobs.pop('table', table_names.REPLAY_TABLE)
+  return dataset_lib.experience_dataset(
+      addresses, table, data_spec, BATCH, 2, parallel_readers=readers,
+      reverb_options=knobs)
 
 
 def _own_cpu_seconds():

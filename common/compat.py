@@ -185,6 +185,101 @@ def encoder_postprocessing_layers(
   return encoder._postprocessing_layers
 
 
+class _OrderedIdentitySet:
+  """`object_identity.ObjectIdentitySet` that iterates in insertion order."""
+
+  def __init__(self, items=()):
+    self._items = {}
+    for item in items:
+      self._items.setdefault(id(item), item)
+
+  def __iter__(self):
+    return iter(list(self._items.values()))
+
+  def __len__(self):
+    return len(self._items)
+
+  def __contains__(self, item):
+    return id(item) in self._items
+
+
+class _OrderedObjectIdentity:
+  """`tensorflow.python.util.object_identity` with `_OrderedIdentitySet`."""
+
+  def __init__(self, module):
+    self._module = module
+    self.ObjectIdentitySet = _OrderedIdentitySet  # pylint: disable=invalid-name
+
+  def __getattr__(self, name):
+    return getattr(self._module, name)
+
+
+def order_sac_critic_variables() -> None:
+  """Makes `SacAgent.train` take its critic variables in a fixed order.
+
+  tf-agents 0.19.0 `SacAgent._train` lists the critic variables as
+  `list(object_identity.ObjectIdentitySet(...))`, an order of their `id()`s
+  that differs from process to process. One process does not mind (Adam
+  updates each variable alone); workers of a MultiWorkerMirroredStrategy
+  do: their collectives (the slot variables' initial broadcasts, the
+  gradient all-reduces) must come in the same order on every worker, or
+  they fail ('Shape mismatch in the collective instance'). This gives
+  `sac_agent`'s module reference an identity set that keeps the order the
+  variables were given in (the networks' own). The math is unchanged.
+  """
+  # pylint: disable=g-import-not-at-top
+  from tf_agents.agents.sac import sac_agent
+  # pylint: enable=g-import-not-at-top
+  if not isinstance(sac_agent.object_identity, _OrderedObjectIdentity):
+    sac_agent.object_identity = _OrderedObjectIdentity(
+        sac_agent.object_identity)
+
+
+def configure_worker_coordination(register_timeout_s: float,
+                                  heartbeat_timeout_s: float) -> None:
+  """TensorFlow's coordination service for a multi-worker learner, with
+  timeouts: how long workers wait for each other to start, and after how
+  long without a heartbeat a worker counts as gone (its peers' collectives
+  then fail instead of waiting).
+
+  `tf.distribute.MultiWorkerMirroredStrategy` configures the service itself
+  (with no start-up limit: a worker whose peer never starts waits forever)
+  unless one is configured already; it has no public setting for either
+  timeout. Reads `tensorflow.python.eager.context` (TensorFlow 2.15); call
+  before creating the strategy and before any op.
+  """
+  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.eager import context
+  from tensorflow.tsl.protobuf import coordination_config_pb2
+  # pylint: enable=g-import-not-at-top
+  cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  spec = cluster.cluster_spec()
+  context.context().configure_coordination_service(
+      service_type='standalone',
+      service_leader='/job:worker/replica:0/task:0',
+      cluster_register_timeout_in_ms=int(register_timeout_s * 1000),
+      heartbeat_timeout_in_ms=int(heartbeat_timeout_s * 1000),
+      coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
+          name='worker', num_tasks=spec.num_tasks('worker'))])
+
+
+def checkpointed_variables(agent, train_step: tf.Variable) -> List[tf.Variable]:
+  """Every variable a Learner's checkpoint of `agent` holds: the networks',
+  the optimizers' slots and step counts (which `agent.variables` leaves out)
+  and `train_step`. Reads `tensorflow.python.checkpoint.checkpoint`'s object
+  graph walk (TensorFlow 2.15), which has no public counterpart.
+  """
+  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.checkpoint import checkpoint as checkpoint_lib
+  # pylint: enable=g-import-not-at-top
+  root = tf.train.Checkpoint(agent=agent, train_step=train_step)
+  found = {}
+  for obj in checkpoint_lib.list_objects(root):
+    if isinstance(obj, tf.Variable):
+      found.setdefault(id(obj), obj)
+  return list(found.values())
+
+
 class DirectTrajectoryWriter:
   """Appends steps and creates items through a `reverb.TrajectoryWriter`'s
   C++ writer, keeping its Python history in step.
@@ -207,11 +302,12 @@ class DirectTrajectoryWriter:
   `tests/test_writer.py` check them.
   """
 
-  def __init__(self, writer):
+  def __init__(self, writer, squeeze: bool = False):
     self._writer = writer  # reverb.TrajectoryWriter
     self._cpp_writer = writer._writer
     self._columns = None  # The Python writer's column histories, once known.
     self._squeeze = None
+    self._squeeze_all = squeeze
 
   def append(self, trajectory) -> List[Any]:
     """Appends one step (the same structure every time); returns its column
@@ -228,11 +324,15 @@ class DirectTrajectoryWriter:
         range(len(paths))):
       raise ValueError(f'unexpected Reverb column order for {paths}')
     self._columns = writer._column_history
-    self._squeeze = [False] * len(self._columns)
+    self._squeeze = [self._squeeze_all] * len(self._columns)
     return [column._data_references[-1] for column in self._columns]
 
   def create_item(self, table: str, priority: float,
                   columns: List[List[Any]]) -> None:
-    """An item of every column, `columns[c]` the references of column c (no
-    column squeezed: each keeps its time dimension)."""
+    """An item of every column, `columns[c]` the references of column c.
+
+    Each column keeps its time dimension; with `squeeze`, each column is one
+    reference whose step becomes the item's tensor (the packed layout, whose
+    one step is the whole item).
+    """
     self._cpp_writer.CreateItem(table, priority, columns, self._squeeze)

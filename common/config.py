@@ -401,6 +401,9 @@ class RunConfig:
   # The flags every process of the run must share, checked against each
   # server's at connect (`variable_container.contract`); None: not checked.
   contract: Optional[Mapping] = derived(None, _contract)
+  # The replay items' layout (--replay_layout, a ReplayConfig setting).
+  replay_layout: str = derived('stock', lambda v: v['replay_layout'],
+                               reads=('replay_layout',))
 
   @property
   def shards(self) -> Tuple[str, ...]:
@@ -426,11 +429,11 @@ class LearnerConfig(RunConfig):
   learner_index: int = setting(
       0, '--strategy=multi_worker: this worker\'s index in '
       '--learner_workers (0: the chief).', lower=0)
-  collective_timeout_s: float = setting(
-      120.0, '--strategy=multi_worker: a collective op (the gradient '
-      'all-reduce) that waits longer than this for the other workers ends '
-      'this worker with one line (a worker that hangs or is gone).',
-      lower=1)
+  worker_timeout_s: float = setting(
+      30.0, '--strategy=multi_worker: a learner worker not heard from for '
+      'this long (TensorFlow\'s coordination heartbeat: its process died or '
+      'hangs) is gone: the collectives waiting for it fail and every worker '
+      'ends with one line.', lower=1)
   tpu_address: str = setting(
       '', 'learner: TPU name or address for --strategy=tpu.')
   logical_cpu_devices: int = setting(

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # End-to-end test of deploy/swarm/docker-stack.yml on a real single-node Swarm:
-# 3 actor replicas take distinct indices, the learner trains; the replay
-# server's container is killed; Swarm restarts it, it restores its tables from
-# its checkpoint volume, and the same learner and actors (never restarted)
-# carry on: the learner finishes at --train_steps, train_step never reset.
+# 3 actor replicas take distinct indices, the learner's 2 workers (task slots
+# 1 and 2, reaching each other by their slot's hostname) form one
+# MultiWorkerMirroredStrategy group and train; the replay server's container
+# is killed; Swarm restarts it, it restores its tables from its checkpoint
+# volume, and the same learner workers and actors (never restarted) carry on:
+# the chief finishes at --train_steps, train_step never reset, and the actors,
+# which stop once the train_step the chief pushes reaches it, finish too.
 # TensorBoard answers on the node's loopback only. Then `docker stack rm`
 # leaves nothing running. Deploys with deploy/swarm/deploy.sh, as users do.
 #   docker/test_swarm.sh    (after docker/test_compose.sh --install; root)
@@ -85,14 +88,16 @@ cat >"$work/cluster.flags" <<'FLAGS'
 --server_timeout_s=180
 FLAGS
 chmod 644 "$work/cluster.flags"
+# 3 actors: the actor service's replicas only (the learner's stay 2).
 sed -e "s#file: ../../docker/cluster.flags#file: $work/cluster.flags#" \
-    -e 's#replicas: 2#replicas: 3#' \
+    -e '/^  actor:/,/^  [a-z_]*:$/ s#replicas: 2#replicas: 3#' \
     deploy/swarm/docker-stack.yml >"$work/stack.yml"
-grep -q "replicas: 3" "$work/stack.yml" || fail "could not set 3 actor replicas"
+[ "$(grep -c "replicas: 3" "$work/stack.yml")" -eq 1 ] \
+  || fail "could not set 3 actor replicas"
 
 # Deployed as the README says (deploy/swarm/deploy.sh labels this node for
 # every placement constraint, then deploys); only the stack file differs.
-say "deploy/swarm/deploy.sh ($stack: 3 actors)"
+say "deploy/swarm/deploy.sh ($stack: 3 actors, 2 learner workers)"
 if ! SAC_STACK_FILE="$work/stack.yml" SAC_DEPLOY_ARGS="--resolve-image never" \
     deploy/swarm/deploy.sh "$stack" >"$work/deploy.log" 2>&1; then
   cat "$work/deploy.log" >&2; fail "deploy/swarm/deploy.sh failed"
@@ -119,11 +124,26 @@ checkpointed() { logs replay_server | grep -qE 'checkpoint \(periodic\) written 
 wait_for 60 checkpointed || fail "the replay server wrote no checkpoint"
 sleep 4  # Past another checkpoint.
 
-learner_id="$(docker ps -q -f "label=com.docker.swarm.service.name=${stack}_learner")"
+learner_ids="$(docker ps -q -f "label=com.docker.swarm.service.name=${stack}_learner" | sort | tr '\n' ' ')"
 actor_ids="$(docker ps -q -f "label=com.docker.swarm.service.name=${stack}_actor" | sort | tr '\n' ' ')"
 server_id="$(docker ps -q -f "label=com.docker.swarm.service.name=${stack}_replay_server")"
-[ -n "$learner_id" ] && [ -n "$server_id" ] || fail "learner or server container not found"
+[ -n "$server_id" ] || fail "replay server container not found"
+[ "$(echo $learner_ids | wc -w)" -eq 2 ] || fail "expected 2 learner containers: $learner_ids"
 [ "$(echo $actor_ids | wc -w)" -eq 3 ] || fail "expected 3 actor containers: $actor_ids"
+# Slot s is worker s-1 of 2: its hostname is learner-s, its own entry of
+# --learner_workers. Slot 1, worker 0, is the chief.
+chief_id=""
+for id in $learner_ids; do
+  host="$(docker inspect -f '{{.Config.Hostname}}' "$id")"
+  slot="${host#learner-}"
+  # Through a file: `grep -q` stopping early would fail the pipe (pipefail).
+  docker logs "$id" >"$work/learner-$id.log" 2>&1
+  grep -q "learner: worker $((slot - 1)) of 2 " "$work/learner-$id.log" \
+    || fail "the learner task with hostname $host is not worker $((slot - 1)) of 2"
+  [ "$slot" = 1 ] && chief_id="$id"
+done
+[ -n "$chief_id" ] || fail "no learner task has hostname learner-1 (the chief)"
+say "learner workers 0 (chief) and 1 on learner-1 and learner-2"
 at_kill="$(last_step)"
 say "killing the replay server's container at train_step $at_kill"
 docker kill "$server_id" >/dev/null
@@ -156,22 +176,44 @@ done
 say "TensorBoard on 127.0.0.1:6006 only"
 
 say "waiting for the learner to finish"
-code="$(timeout 400 docker wait "$learner_id")" || fail "learner still running after 400s"
-[ "$code" = "0" ] || fail "learner exited $code"
-docker logs "$learner_id" >"$work/learner.log" 2>&1
-grep -q 'learner: finished at train_step 3000' "$work/learner.log" \
-  || fail "learner did not finish at train_step 3000"
+for id in $learner_ids; do
+  code="$(timeout 400 docker wait "$id")" || fail "learner worker $id still running after 400s"
+  if [ "$code" != "0" ]; then
+    docker logs "$id" 2>&1 | grep -E 'learner: error|terminate called|what\(\)' \
+      | tail -n 3 >&2 || true
+    fail "learner worker $id exited $code"
+  fi
+done
+# Both workers finish at --train_steps holding the same weights; the chief
+# alone pushed them.
+fingerprints=""
+for id in $learner_ids; do
+  docker logs "$id" >"$work/learner-$id.log" 2>&1
+  finished="$(grep -oE 'learner: finished at train_step 3000 .*fingerprint [^ ]+' \
+              "$work/learner-$id.log" | tail -n 1)"
+  [ -n "$finished" ] || fail "learner worker $id did not finish at train_step 3000"
+  fingerprints+="${finished##* } "
+  pushed="$(grep -c 'learner: pushed initial weights' "$work/learner-$id.log" || true)"
+  if [ "$id" = "$chief_id" ]; then
+    [ "$pushed" -ge 1 ] || fail "the chief did not push its weights"
+  else
+    [ "$pushed" -eq 0 ] || fail "learner worker $id, not the chief, pushed weights"
+  fi
+done
+[ "$(echo $fingerprints | tr ' ' '\n' | sort -u | wc -l)" -eq 1 ] \
+  || fail "the learner workers end with different weights: $fingerprints"
+cp "$work/learner-$chief_id.log" "$work/learner.log"
 steps="$(grep -oE 'learner: train_step [0-9]+/' "$work/learner.log" | grep -oE '[0-9]+')"
 echo "$steps" | sort -n -c 2>/dev/null || fail "train_step went backwards: $(echo $steps)"
 after="$(echo "$steps" | awk -v k="$at_kill" '$1 > k' | wc -l)"
 [ "$after" -ge 1 ] || fail "no learner progress line after the kill (at train_step $at_kill)"
-[ "$(docker service ps -q "${stack}_learner" | wc -l)" -eq 1 ] || fail "the learner was restarted"
+[ "$(docker service ps -q "${stack}_learner" | wc -l)" -eq 2 ] || fail "a learner worker was restarted"
 for id in $actor_ids; do
   code="$(timeout 120 docker wait "$id")" || fail "actor $id still running 120s after the learner"
   [ "$code" = "0" ] || fail "actor container $id exited $code"
 done
 [ "$(docker service ps -q "${stack}_actor" | wc -l)" -eq 3 ] || fail "an actor was restarted"
-say "the same learner (trained $at_kill -> 3000, never reset) and 3 actors finished"
+say "the same 2 learner workers (trained $at_kill -> 3000, never reset) and 3 actors finished"
 
 docker stack rm "$stack" >/dev/null
 gone() {

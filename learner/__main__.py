@@ -21,7 +21,7 @@ def main(_):
   strategy_lib.split_cpu(config.logical_cpu_devices)
   strategy = strategy_lib.make_strategy(
       config.strategy, config.tpu_address, config.learner_workers,
-      config.learner_index, config.collective_timeout_s,
+      config.learner_index, config.worker_timeout_s,
       register_timeout_s=config.server_timeout_s)
   train.train(config, strategy, stop)
   process.exit_now(0)  # Final state written; no teardown to wait on.

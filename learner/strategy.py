@@ -5,9 +5,13 @@ synchronously under `tf.distribute.MultiWorkerMirroredStrategy` (ring
 all-reduce on CPUs, NCCL on GPUs). The cluster comes from
 `--learner_workers=host:port,... --learner_index=i` (written to `TF_CONFIG`,
 as TensorFlow reads it) or from a `TF_CONFIG` of the user's. Worker 0 is the
-chief. Every collective has a timeout (`--collective_timeout_s`) and a worker
-without a heartbeat for `HEARTBEAT_TIMEOUT_S` counts as gone, so a worker that
-dies or hangs ends its peers with one line instead of stopping them forever.
+chief. A worker without a heartbeat for `--worker_timeout_s` counts as gone
+(TensorFlow's coordination service): the collectives waiting for it fail, so
+a worker that dies or hangs ends its peers with one line instead of stopping
+them forever. (Not a per-op `CommunicationOptions(timeout_seconds=...)`:
+TensorFlow 2.15 starts a thread for every collective op with a timeout,
+which sleeps out the whole timeout; at ~7 all-reduces per SAC step that is
+thousands of threads, and the process dies of them within minutes.)
 """
 
 import json
@@ -23,10 +27,6 @@ from common import config as config_lib
 from common.errors import UserError
 from common.errors import one_line
 from common.errors import op_error_reason
-
-# A peer not heard from for this long is gone (its process died or hangs).
-HEARTBEAT_TIMEOUT_S = 20.0
-
 
 def split_cpu(num_devices: int) -> None:
   """Splits the physical CPU into `num_devices` logical devices.
@@ -93,7 +93,7 @@ def worker_cluster(workers, index: int, tf_config: Optional[str]
 
 
 def _multi_worker(workers: Sequence[str], index: int,
-                  collective_timeout_s: float,
+                  worker_timeout_s: float,
                   register_timeout_s: float) -> tf.distribute.Strategy:
   os.environ['TF_CONFIG'] = json.dumps({
       'cluster': {'worker': list(workers)},
@@ -102,16 +102,13 @@ def _multi_worker(workers: Sequence[str], index: int,
                'others: %s', index, len(workers), workers[index],
                register_timeout_s, ', '.join(workers))
   compat.configure_worker_coordination(register_timeout_s,
-                                       HEARTBEAT_TIMEOUT_S)
+                                       worker_timeout_s)
   # Every worker's collectives in one order (see the function).
   compat.order_sac_critic_variables()
   # TensorFlow logs a line for every all-reduce it launches.
   tf.get_logger().setLevel('WARNING')
-  options = tf.distribute.experimental.CommunicationOptions(
-      timeout_seconds=collective_timeout_s)
   try:
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=options)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
     # The first collective: every worker is there.
     any_worker(strategy, False)
   except (tf.errors.OpError, RuntimeError, ValueError) as e:
@@ -124,7 +121,7 @@ def _multi_worker(workers: Sequence[str], index: int,
 
 
 def make_strategy(name: str, tpu: str = '', workers=(), index: int = 0,
-                  collective_timeout_s: float = 120.0,
+                  worker_timeout_s: float = 30.0,
                   register_timeout_s: float = 300.0
                   ) -> tf.distribute.Strategy:
   """default: one device; mirrored: all GPUs, else all logical CPUs; tpu;
@@ -142,7 +139,7 @@ def make_strategy(name: str, tpu: str = '', workers=(), index: int = 0,
   if name == 'multi_worker':
     workers, index = worker_cluster(workers, index,
                                     os.environ.get('TF_CONFIG'))
-    return _multi_worker(workers, index, collective_timeout_s,
+    return _multi_worker(workers, index, worker_timeout_s,
                          register_timeout_s)
   if name == 'tpu':
     if not tpu:

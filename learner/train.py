@@ -226,10 +226,11 @@ def _check_shards(s: config_lib.LearnerConfig, agent, should_stop) -> None:
   """Every replay shard answers, with this agent's items and this run's
   contract; logs the allocator and the shards sampled."""
   for address, info in zip(s.shards, _wait_for_shards(s, should_stop)):
-    reverb_connection.check_table_signature(
-        info, table_names.REPLAY_TABLE, agents.replay_signature(agent),
-        address)
+    # The contract first: a table of the other --replay_layout is named so.
     contract.check(address, s.contract, 'learner', server_info=info)
+    reverb_connection.check_table_signature(
+        info, table_names.REPLAY_TABLE,
+        agents.replay_signature(agent, s.replay_layout), address)
   malloc = process.allocator()
   logging.info('learner: memory allocator %s%s', malloc,
                ' (apt-get install libjemalloc2 for a faster input pipeline)'

@@ -83,8 +83,9 @@ def build_tables(env_name: str, agent_config: config_lib.AgentConfig,
   # written with a contract restores into the same set of tables.
   tables = [contract.contract_table()]
   if replay is not None:
-    tables.append(replay_table(agents.replay_signature(built.agent), replay,
-                               agent_config.batch_size))
+    tables.append(replay_table(
+        agents.replay_signature(built.agent, replay.replay_layout), replay,
+        agent_config.batch_size))
     tables.append(actor_id_table())
     tables.append(actor_lease_table())
     if replay.prioritized:

@@ -41,7 +41,7 @@ def main():
     # Before any op.
     multi_worker = strategy_lib.make_strategy(
         'multi_worker', workers=tuple(workers.split(',')),
-        index=int(_arg('--index', '0')), collective_timeout_s=60,
+        index=int(_arg('--index', '0')), worker_timeout_s=60,
         register_timeout_s=120)
   else:
     strategy_lib.split_cpu(2)

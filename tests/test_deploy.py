@@ -9,12 +9,17 @@ import re
 import shutil
 import subprocess
 
+from absl import flags
 import pytest
 import yaml
 
+from common import config as config_lib
+from common import config_flags
 from launcher.local_cluster import REPO_ROOT
 
 K8S = os.path.join(REPO_ROOT, 'deploy', 'k8s')
+SWARM_STACK = os.path.join(REPO_ROOT, 'deploy', 'swarm', 'docker-stack.yml')
+FLAGS = flags.FLAGS
 
 
 def _compose_command():
@@ -111,11 +116,15 @@ def test_kubernetes_manifests_are_consistent():
     assert doc['apiVersion'] and doc['kind'] and doc['metadata']['name']
     by_kind.setdefault(doc['kind'], {})[doc['metadata']['name']] = doc
   deployments = by_kind['Deployment']
-  assert {'replay-server', 'learner', 'actor', 'evaluator'} <= set(deployments)
+  assert {'replay-server', 'actor', 'evaluator'} <= set(deployments)
+  assert 'learner' in by_kind['StatefulSet']
   assert deployments['actor']['spec']['replicas'] >= 2
   claims = set(by_kind.get('PersistentVolumeClaim', {}))
-  for name, deployment in deployments.items():
-    spec = deployment['spec']
+  workloads = dict(deployments, **by_kind['StatefulSet'])
+  for name, workload in workloads.items():
+    spec = workload['spec']
+    templates = {t['metadata']['name'] for t in spec.get(
+        'volumeClaimTemplates', [])}
     labels = spec['template']['metadata']['labels']
     for key, value in spec['selector']['matchLabels'].items():
       assert labels.get(key) == value, f'{name}: selector does not match'
@@ -124,7 +133,8 @@ def test_kubernetes_manifests_are_consistent():
     for container in pod['containers']:
       assert container['image'] == 'distributed-sac'
       for mount in container.get('volumeMounts', []):
-        assert mount['name'] in volumes, f'{name}: no volume {mount["name"]}'
+        assert mount['name'] in set(volumes) | templates, (
+            f'{name}: no volume {mount["name"]}')
       if container['name'] != 'tensorboard':
         assert '--flagfile=/config/cluster.flags' in container['args']
     for volume in volumes.values():
@@ -185,15 +195,17 @@ def test_kubernetes_shards_overlay_adds_a_shard_every_client_samples():
   expected = ['replay-server:8000'] + [
       f'replay-shard-{i}.replay-shard:8000'
       for i in range(shards['spec']['replicas'])]
-  for name in ('learner', 'actor', 'evaluator'):
-    args = by_kind['Deployment'][name]['spec']['template']['spec'][
-        'containers'][0]['args']
+  clients = [by_kind['Deployment']['actor'], by_kind['Deployment']['evaluator'],
+             by_kind['StatefulSet']['learner']]
+  for client in clients:
+    name = client['metadata']['name']
+    args = client['spec']['template']['spec']['containers'][0]['args']
     assert args[-1] == '--replay_address=' + ','.join(expected), (name, args)
     assert '--flagfile=/config/cluster.flags' in args[:-1]
 
 
 def test_swarm_stack_parses_and_scales_actors():
-  path = os.path.join(REPO_ROOT, 'deploy', 'swarm', 'docker-stack.yml')
+  path = SWARM_STACK
   with open(path) as f:
     stack = yaml.safe_load(f)
   assert stack['version'].startswith('3')
@@ -271,7 +283,7 @@ def _kustomize(directory):
   return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-@pytest.mark.parametrize('directory', ['k8s', 'k8s-shards'])
+@pytest.mark.parametrize('directory', ['k8s', 'k8s-shards', 'k8s-one-learner'])
 def test_kubernetes_pods_run_as_non_root_on_a_read_only_root(directory):
   """Every container of every pod: the image's non-root user, no privilege
   escalation, no capabilities, a read-only root filesystem, and a writable
@@ -304,8 +316,7 @@ def test_kubernetes_pods_run_as_non_root_on_a_read_only_root(directory):
 
 
 def _swarm_stack():
-  with open(os.path.join(REPO_ROOT, 'deploy', 'swarm',
-                         'docker-stack.yml')) as f:
+  with open(SWARM_STACK) as f:
     return yaml.safe_load(f)
 
 
@@ -394,7 +405,7 @@ def test_swarm_deploy_script_labels_every_node_the_stack_is_pinned_to(
     tmp_path):
   """A service whose placement label no node carries stays Pending: the one
   deploy step (README and docker/test_swarm.sh) labels every one of them."""
-  stack_path = os.path.join(REPO_ROOT, 'deploy', 'swarm', 'docker-stack.yml')
+  stack_path = SWARM_STACK
   labels = _placement_labels(_swarm_stack())
   assert ('sac.replay', 'true') in labels and ('sac.eval', 'true') in labels
   out, calls = _run_deploy_script(tmp_path, ['sac', 'node-a', 'node-b'])
@@ -420,8 +431,7 @@ def test_swarm_deploy_script_labels_every_node_the_stack_is_pinned_to(
 
 def test_swarm_deploy_script_refuses_a_label_it_does_not_set(tmp_path):
   stack = tmp_path / 'stack.yml'
-  with open(os.path.join(REPO_ROOT, 'deploy', 'swarm',
-                         'docker-stack.yml')) as f:
+  with open(SWARM_STACK) as f:
     stack.write_text(f.read().replace('node.labels.sac.eval == true',
                                       'node.labels.sac.gpu == true'))
   out, calls = _run_deploy_script(tmp_path,
@@ -449,3 +459,193 @@ def test_readme_swarm_steps_are_the_ones_ci_runs():
         assert f'--label-add {label}={value}' in text, (
             f'{where} runs docker stack deploy without labelling a node '
             f'{label}={value}: that service would stay Pending')
+
+
+# --- The learner as a group of workers (--strategy=multi_worker).
+
+
+@pytest.fixture
+def learner_config():
+  """The LearnerConfig a learner started with `args` runs with: the real
+  flags parse them, with the flagfile a deployment mounts at
+  /config/cluster.flags read from `flagfile` in this checkout. The global
+  flags are unparsed afterwards."""
+
+  def build(args, flagfile):
+    args = [a.replace('=/config/cluster.flags', '=' + flagfile)
+            if a.startswith('--flagfile=') else a for a in args]
+    FLAGS.unparse_flags()
+    FLAGS(['learner'] + list(args))
+    return config_flags.build(config_lib.LearnerConfig)
+
+  yield build
+  FLAGS.unparse_flags()
+
+
+def _kubelet_expand(arg, env):
+  """`$(NAME)` in a container's args, as the kubelet expands it."""
+  return re.sub(r'\$\(([A-Za-z_][A-Za-z0-9_]*)\)',
+                lambda m: env.get(m.group(1), m.group(0)), arg)
+
+
+def _kustomize_by_kind(directory):
+  """{kind: {name: document}} of `kubectl kustomize deploy/<directory>`."""
+  by_kind = {}
+  for doc in _kustomize(directory):
+    by_kind.setdefault(doc['kind'], {})[doc['metadata']['name']] = doc
+  return by_kind
+
+
+@pytest.mark.parametrize('directory', ['k8s', 'k8s-shards'])
+def test_kubernetes_learner_workers_are_a_statefulset_behind_a_headless_service(
+    directory, learner_config):
+  """Pod learner-i is learner-i.learner-workers: every worker gets the same
+  --learner_workers, one entry per replica, its own entry at its pod-index;
+  the chief's --root_dir is on a claimed volume."""
+  by_kind = _kustomize_by_kind(directory)
+  assert 'learner' not in by_kind['Deployment']
+  learner = by_kind['StatefulSet']['learner']
+  spec = learner['spec']
+  replicas = spec['replicas']
+  assert replicas == 2, replicas
+  # Every worker at once: each waits for the others.
+  assert spec['podManagementPolicy'] == 'Parallel'
+  service = by_kind['Service'][spec['serviceName']]
+  assert spec['serviceName'] == 'learner-workers'
+  assert service['spec']['clusterIP'] == 'None'  # One DNS name per pod.
+  # The workers find each other while they start, before any is ready.
+  assert service['spec']['publishNotReadyAddresses'] is True
+  pod = spec['template']
+  for key, value in service['spec']['selector'].items():
+    assert pod['metadata']['labels'][key] == value
+  for other in ('replay-server', 'replay-shard'):
+    if other in by_kind['Service']:
+      selector = by_kind['Service'][other]['spec']['selector']
+      assert any(pod['metadata']['labels'].get(k) != v
+                 for k, v in selector.items()), other
+  container = pod['spec']['containers'][0]
+  ports = {p['name']: p['containerPort'] for p in container['ports']}
+  (service_port,) = service['spec']['ports']
+  port = ports[service_port['targetPort']]
+  assert service_port['port'] == port
+  env = {e['name']: e for e in container.get('env', [])}
+  index_env = [name for name, e in env.items()
+               if e.get('valueFrom', {}).get('fieldRef', {}).get(
+                   'fieldPath') ==
+               "metadata.labels['apps.kubernetes.io/pod-index']"]
+  assert len(index_env) == 1, env
+  assert f'--learner_index=$({index_env[0]})' in container['args']
+  assert container['args'][0] == 'learner'
+  flagfile = os.path.join(K8S, 'cluster.flags')
+  lists = set()
+  for i in range(replicas):
+    args = [_kubelet_expand(a, {index_env[0]: str(i)})
+            for a in container['args'][1:]]
+    config = learner_config(args, flagfile)
+    assert config.strategy == 'multi_worker'
+    assert config.learner_index == i
+    assert len(config.learner_workers) == replicas, config.learner_workers
+    assert config.learner_workers[i] == (
+        f'learner-{i}.{spec["serviceName"]}:{port}')
+    lists.add(config.learner_workers)
+    root_dir = config.root_dir
+  assert len(lists) == 1, lists  # The same list, in the same order.
+  mounts = {m['mountPath']: m['name'] for m in container['volumeMounts']}
+  templates = {t['metadata']['name'] for t in spec['volumeClaimTemplates']}
+  assert mounts[root_dir] in templates, (root_dir, mounts, templates)
+
+
+def test_kubernetes_learner_workers_admit_only_one_another():
+  """The collective port has no authentication: one NetworkPolicy selects
+  the learner's pods and admits only the learner's pods."""
+  by_kind = _kustomize_by_kind('k8s')
+  learner = by_kind['StatefulSet']['learner']['spec']
+  labels = learner['template']['metadata']['labels']
+  policies = [p for p in by_kind['NetworkPolicy'].values()
+              if p['spec']['podSelector']['matchLabels'].items()
+              <= labels.items()]
+  assert len(policies) == 1, policies
+  assert policies[0]['spec']['policyTypes'] == ['Ingress']
+  (rule,) = policies[0]['spec']['ingress']
+  assert rule['from'] == [{'podSelector': {
+      'matchLabels': learner['selector']['matchLabels']}}], rule
+
+
+def test_kubernetes_one_learner_overlay_runs_the_default_strategy(
+    learner_config):
+  by_kind = _kustomize_by_kind('k8s-one-learner')
+  learner = by_kind['StatefulSet']['learner']
+  assert learner['spec']['replicas'] == 1
+  args = learner['spec']['template']['spec']['containers'][0]['args']
+  assert args[0] == 'learner'
+  config = learner_config(args[1:], os.path.join(K8S, 'cluster.flags'))
+  assert config.strategy == 'default' and not config.learner_workers
+  assert config.root_dir == '/data'
+  assert set(by_kind['Deployment']) == {'replay-server', 'actor', 'evaluator'}
+
+
+def _swarm_worker_args(service, slot, tmp_path):
+  """The learner's arguments in the task of `slot`: its `sh -c` command run
+  by a real shell, with the slot in the environment as Swarm sets it and a
+  `python` that prints its arguments."""
+  bin_dir = tmp_path / 'bin'
+  if not bin_dir.exists():
+    bin_dir.mkdir()
+    fake = bin_dir / 'python'
+    fake.write_text('#!/bin/sh\nprintf \'%s\\n\' "$@"\n')
+    fake.chmod(0o755)
+  (command,) = service['command']
+  # `$$` is the stack file's escape for a `$` that the shell expands.
+  command = command.replace('$$', '$')
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}')
+  for name, value in service.get('environment', {}).items():
+    env[name] = value.replace('{{.Task.Slot}}', str(slot))
+  out = subprocess.run(service['entrypoint'] + [command], env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  args = out.stdout.splitlines()
+  assert args[:2] == ['-m', 'learner'], args
+  return args[2:]
+
+
+def test_swarm_learner_workers_agree_on_learner_workers(tmp_path,
+                                                        learner_config):
+  """Task slot s (1..N) is worker s-1: its hostname (a DNS name on the
+  overlay network) is its own entry of a --learner_workers that every task
+  gets alike, one entry per replica."""
+  stack = _swarm_stack()
+  learner = stack['services']['learner']
+  replicas = learner['deploy']['replicas']
+  assert replicas == 2, replicas
+  # `python -m` is the image's ENTRYPOINT: a shell computes the index from
+  # the slot, then execs Python (which gets SIGTERM directly).
+  assert learner['entrypoint'] == ['sh', '-c']
+  assert learner['command'][0].startswith('exec python -m learner ')
+  assert '{{.Task.Slot}}' in learner['hostname']
+  assert learner['networks'] == stack['services']['replay_server']['networks']
+  flagfile = os.path.normpath(os.path.join(
+      os.path.dirname(SWARM_STACK), stack['configs']['cluster_flags']['file']))
+  lists = set()
+  for slot in range(1, replicas + 1):
+    config = learner_config(_swarm_worker_args(learner, slot, tmp_path),
+                            flagfile)
+    assert config.strategy == 'multi_worker'
+    assert config.learner_index == slot - 1
+    assert len(config.learner_workers) == replicas, config.learner_workers
+    host = learner['hostname'].replace('{{.Task.Slot}}', str(slot))
+    assert config.learner_workers[slot - 1].rsplit(':', 1)[0] == host
+    assert config.root_dir == '/data'
+    lists.add(config.learner_workers)
+  assert len(lists) == 1, lists  # The same list, in the same order.
+  assert 'learner_data:/data' in learner['volumes']
+  # A group restarts as a whole; an update replaces every worker at once.
+  assert learner['deploy']['restart_policy'] == {'condition': 'on-failure'}
+  assert learner['deploy']['update_config']['parallelism'] == 0
+  if shutil.which('docker'):
+    # Docker's own reading of the file: the same command, `$$` unescaped.
+    out = subprocess.run(['docker', 'stack', 'config', '-c', SWARM_STACK],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode == 0:
+      parsed = yaml.safe_load(out.stdout)['services']['learner']
+      assert parsed['command'] == [learner['command'][0].replace('$$', '$')]
+      assert parsed['hostname'] == learner['hostname']

@@ -243,7 +243,7 @@ def test_launcher_runs_learner_workers_and_restarts_the_group(cluster,
   launcher = cluster.start('launcher', 'launcher', PENDULUM + [
       f'--root_dir={root}', '--train_steps=1200', '--learner_workers=2',
       '--checkpoint_interval_steps=200', '--with_evaluator=false',
-      '--collective_timeout_s=30'])
+      '--worker_timeout_s=20'])
   cluster.wait_for_log('launcher', r'\[learner\].*Saved checkpoint', 300)
   victims = [p for p, argv in _children_of(root, launcher.pid).items()
              if '--learner_index=1' in ' '.join(argv)]

@@ -58,7 +58,7 @@ def _flags(replay_port: int, train_steps: int, root: str):
           '--replay_capacity=5000', '--min_size_to_sample=100',
           '--initial_collect_steps=100', f'--train_steps={train_steps}',
           '--push_interval_steps=50', '--policy_save_interval=100000',
-          '--checkpoint_interval_steps=100', '--collective_timeout_s=30',
+          '--checkpoint_interval_steps=100', '--worker_timeout_s=20',
           f'--root_dir={root}'] + TINY
 
 
@@ -77,8 +77,10 @@ def _finished(log: str):
 
 
 def test_two_workers_train_and_the_chief_pushes(cluster, tmp_path):
+  """Also on the packed replay layout (--replay_layout=packed), which a
+  fast learner's pipeline wants; the kill test below runs the stock one."""
   port = free_port()
-  flags = _flags(port, 300, f'{tmp_path}/l')
+  flags = _flags(port, 300, f'{tmp_path}/l') + ['--replay_layout=packed']
   cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
   cluster.start('actor', 'actor', flags + [f'--root_dir={tmp_path}/a'])
   _start_group(cluster, flags, _workers())

@@ -21,12 +21,14 @@ from common import compat
 from common import config as config_lib
 from common import table_names
 from common import environments
+from common.errors import UserError
 from learner import priorities
 from learner import train as train_lib
 from launcher.local_cluster import free_port
 from replay_server import server as server_lib
 from replay_server import tables
 from tests.test_common import TINY_SAC
+from variable_container import contract
 from variable_container import one_value
 
 TINY_DQN = config_lib.DqnConfig(q_fc_layers=(16,), batch_size=8)
@@ -290,3 +292,32 @@ def client_priorities(address):
   samples = reverb.Client(address).sample(table_names.REPLAY_TABLE,
                                           num_samples=100)
   return [s[0].info.priority for s in samples]
+
+
+def test_packed_layout_is_the_servers_table_and_part_of_the_contract():
+  """--replay_layout=packed: the server's replay table holds one float32
+  tensor per item; a process with the other layout is refused in one line."""
+  replay = config_lib.ReplayConfig(replay_layout='packed',
+                                   min_size_to_sample=1,
+                                   samples_per_insert=None)
+  served = tables.build_tables('Pendulum-v1', TINY_SAC, replay,
+                               with_variables=False)
+  server = reverb.Server(served, port=free_port())
+  address = f'localhost:{server.port}'
+  try:
+    client = reverb.Client(address)
+    signature = client.server_info()[table_names.REPLAY_TABLE].signature
+    assert agents.is_packed(signature)
+    # Pendulum: step type, 3 observations, 1 action, next step type,
+    # reward, discount.
+    assert signature.shape.as_list() == [2, 8]
+    assert 'replay_layout' in config_lib.contract_flags()
+    contract.publish(client, {'env': 'Pendulum-v1',
+                              'replay_layout': 'packed'})
+    with pytest.raises(UserError, match=(
+        r'^--replay_layout=stock here, but the replay server at \S+ runs '
+        r'--replay_layout=packed')):
+      contract.check(address, {'env': 'Pendulum-v1',
+                               'replay_layout': 'stock'}, 'learner')
+  finally:
+    server.stop()

@@ -111,14 +111,43 @@ def shared_variables(agent, train_step: tf.Variable):
   }
 
 
-def replay_signature(agent):
+def replay_signature(agent, layout: str = 'stock'):
   """Signature of the replay table: collect_data_spec with a time dimension.
 
   The time dimension is the item length, so a process whose items differ
   (e.g. another --n_step) is refused by the signature check in one line.
+  `layout='packed'` (--replay_layout=packed): one float32 tensor per item,
+  [item length, packed_width(collect_data_spec)].
   """
+  if layout == 'packed':
+    return tf.TensorSpec(
+        [sequence_length(agent), packed_width(agent.collect_data_spec)],
+        tf.float32, name=PACKED_ITEM)
   return tensor_spec.add_outer_dim(
       tensor_spec.from_spec(agent.collect_data_spec), sequence_length(agent))
+
+
+# The name of a packed table's one tensor.
+PACKED_ITEM = 'packed_steps'
+
+
+def is_packed(signature) -> bool:
+  """Whether a replay table's signature is of the packed layout."""
+  return (isinstance(signature, tf.TensorSpec) and
+          signature.name == PACKED_ITEM)
+
+
+def packed_width(spec) -> int:
+  """float32 words of one step of `spec` in the packed layout.
+
+  A step packs its fields in `tf.nest.flatten` order, each flattened:
+  4-byte dtypes bit for bit (one word an element), 8-byte ones bit for bit
+  as two words an element, narrower ones (uint8, bool, ...) converted to
+  float32, which holds them exactly. `actor.writer` packs, `learner.dataset`
+  unpacks.
+  """
+  return sum(s.shape.num_elements() * (2 if s.dtype.size == 8 else 1)
+             for s in tf.nest.flatten(spec))
 
 
 def variable_signature(variables):
