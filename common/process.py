@@ -178,6 +178,30 @@ def seed_everything(seed: int, program: str) -> None:
 _program = None
 
 
+class Watchdog:
+  """Ends this process with one line after `seconds`, unless cancelled.
+
+  A child shell does it (prints the line on our stderr, then SIGKILLs us):
+  a Python timer thread cannot run while the main thread waits inside a
+  C++ call that holds the GIL (TensorFlow joining its peer workers).
+  """
+
+  def __init__(self, seconds: float, program: str, message: str):
+    import shlex  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    line = shlex.quote(f'{program}: error: {message}')
+    self._proc = subprocess.Popen(
+        ['sh', '-c', f'sleep {seconds:g}; echo {line} >&2; '
+         f'kill -9 {os.getpid()}'],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        preexec_fn=die_with_parent)
+
+  def cancel(self) -> None:
+    if self._proc.poll() is None:
+      self._proc.kill()
+    self._proc.wait()
+
+
 def release_in_background(objects) -> None:
   """Drops the last references to `objects` on a daemon thread.
 

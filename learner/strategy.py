@@ -24,6 +24,7 @@ from tf_agents.train.utils import strategy_utils
 
 from common import compat
 from common import config as config_lib
+from common import process
 from common.errors import UserError
 from common.errors import one_line
 from common.errors import op_error_reason
@@ -107,10 +108,19 @@ def _multi_worker(workers: Sequence[str], index: int,
   compat.order_sac_critic_variables()
   # TensorFlow logs a line for every all-reduce it launches.
   tf.get_logger().setLevel('WARNING')
+  # TensorFlow waits for a peer that never starts forever (its register
+  # timeout does not end the first collective): a watchdog does.
+  watchdog = process.Watchdog(
+      register_timeout_s, 'learner',
+      f'learner worker {index} ({workers[index]}): not every one of the '
+      f'{len(workers)} workers {", ".join(workers)} joined within '
+      f'{register_timeout_s:g}s (--server_timeout_s); start each with the '
+      'same --learner_workers and its own --learner_index')
   try:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     # The first collective: every worker is there.
     any_worker(strategy, False)
+    watchdog.cancel()
   except (tf.errors.OpError, RuntimeError, ValueError) as e:
     raise UserError(f'learner worker {index} ({workers[index]}) could not '
                     f'join the {len(workers)} workers {", ".join(workers)} '

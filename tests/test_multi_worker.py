@@ -174,3 +174,16 @@ def test_the_learner_refuses_a_bad_cluster_in_one_line(tmp_path, args,
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [l for l in out.stderr.splitlines() if 'error:' in l]
   assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
+
+
+def test_a_worker_whose_peer_never_starts_gives_up_in_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'learner', '--env=Pendulum-v1',
+       f'--root_dir={tmp_path}', '--strategy=multi_worker',
+       f'--learner_workers={_workers()}', '--learner_index=0',
+       '--server_timeout_s=5'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+  assert out.returncode != 0, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if 'error:' in l]
+  assert len(errors) == 1 and 'joined within 5s' in errors[0], (
+      out.stderr[-2000:])
