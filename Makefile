@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench learn venv clean
+.PHONY: run test bench bench-gpu learn venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run $(ARGS)
+
+# One prepared accelerator check (about 5 minutes; one JSON document).
+bench-gpu: $(STAMP)
+	$(VENV)/bin/python -m bench.gpu $(ARGS)
 
 learn: $(STAMP)
 	$(VENV)/bin/python -m bench.learning $(ARGS)

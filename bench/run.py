@@ -15,6 +15,7 @@ replay table's counts, the learner's published status), never from logs.
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ from tf_agents.train import learner as tfa_learner
 from bench import collection
 from bench import fixtures
 from bench import learner_input
+from bench import pipeline
 from bench import prioritized
 from bench import replay_shards
 from bench import step_check
@@ -353,6 +355,28 @@ def _bench_prioritized(env_name, workdir, report):
     report(key, value)
 
 
+def _bench_pipeline(env_name, workdir, report):
+  """Issue 20: every replay layout and pipeline option, and the learner's
+  input efficiency on the stock and the packed layout."""
+  os.makedirs(os.path.join(workdir, 'pipeline'))
+  report('pipeline', pipeline.measure(
+      env_name, os.path.join(workdir, 'pipeline'),
+      log=lambda *a: print(*a, file=sys.stderr), rounds=1, batches=200))
+
+
+def _bench_multi_worker(env_name, report):
+  """Issue 20: 1 learner vs 2 multi-worker learners, all-reduce cost."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'bench.multi_worker', '--mw_seconds=10',
+       f'--bench_env={env_name}'], capture_output=True, text=True,
+      timeout=900, check=False)
+  if out.returncode:
+    report('multi_worker', {'error': (out.stderr.strip().splitlines()
+                                      or ['?'])[-1][:300]})
+    return
+  report('multi_worker', json.loads(out.stdout))
+
+
 def main(_):
   logging.set_verbosity(logging.WARNING)
   env_name = BENCH_ENV.value
@@ -369,6 +393,8 @@ def main(_):
   _bench_distributed(env_name, workdir, initial, steps, tutorial_s, rss,
                      report)
   _bench_prioritized(env_name, workdir, report)
+  _bench_pipeline(env_name, workdir, report)
+  _bench_multi_worker(env_name, report)
   report('peak_rss_mb', rss.peak)
   report('bench_seconds', round(report.elapsed_s(), 1))
   _write(results)
