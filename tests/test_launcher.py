@@ -234,23 +234,14 @@ def test_no_actor_left_stops_the_cluster_with_one_line(cluster, tmp_path):
   assert not _children_of(root, launcher.pid), 'orphans left behind'
 
 
-def test_launcher_runs_learner_workers_and_restarts_the_group(cluster,
-                                                             tmp_path):
-  """--learner_workers=2: two learner processes train one model; one that
-  is killed has the launcher restart both, and the run still ends at
-  --train_steps from the chief's checkpoint."""
+def test_launcher_runs_learner_workers(cluster, tmp_path):
+  """--learner_workers=2: the launcher starts two learner processes that
+  train one model to --train_steps (the group restart on a dead worker:
+  tests/test_supervisor.py, with stand-in children)."""
   root = str(tmp_path / 'run')
-  launcher = cluster.start('launcher', 'launcher', PENDULUM + [
-      f'--root_dir={root}', '--train_steps=1200', '--learner_workers=2',
-      '--checkpoint_interval_steps=200', '--with_evaluator=false',
-      '--worker_timeout_s=20'])
-  cluster.wait_for_log('launcher', r'\[learner\].*Saved checkpoint', 300)
-  victims = [p for p, argv in _children_of(root, launcher.pid).items()
-             if '--learner_index=1' in ' '.join(argv)]
-  assert len(victims) == 1, victims
-  os.kill(victims[0], signal.SIGKILL)
-  cluster.wait_for_log('launcher', r'learner_1 died with exit code -9; '
-                       r'restarting all 2 learner workers', 60)
+  cluster.start('launcher', 'launcher', PENDULUM + [
+      f'--root_dir={root}', '--train_steps=300', '--learner_workers=2',
+      '--with_evaluator=false'])
   assert cluster.wait('launcher', 400) == 0, cluster.tail('launcher', 80)
   log = cluster.log('launcher')
   ends = re.findall(r'\[(learner(?:_1)?)\].*finished at train_step (\d+) '
@@ -258,4 +249,5 @@ def test_launcher_runs_learner_workers_and_restarts_the_group(cluster,
   assert len(ends) == 2, log[-4000:]
   assert {e[0] for e in ends} == {'learner', 'learner_1'}
   assert ends[0][1:] == ends[1][1:], ends  # Same steps, same weights.
-  assert int(ends[0][1]) >= 1200 and int(ends[0][2]) > 0, ends  # Resumed.
+  assert int(ends[0][1]) >= 300, ends
+  assert '[learner] ' in log and 'worker 0 of 2 (the chief' in log

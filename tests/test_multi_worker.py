@@ -76,59 +76,49 @@ def _finished(log: str):
   return int(m.group(1)), int(m.group(2)), m.group(3)
 
 
-def test_two_workers_train_and_the_chief_pushes(cluster, tmp_path):
-  """Also on the packed replay layout (--replay_layout=packed), which a
-  fast learner's pipeline wants; the kill test below runs the stock one."""
+def test_two_workers_train_the_chief_pushes_and_a_lost_worker_ends_both(
+    cluster, tmp_path):
+  """Replay server, actor and 2 learner workers as separate processes. The
+  group trains; one worker is killed: the other ends on its own with one
+  line; restarted, the group resumes from the chief's checkpoint, trains to
+  --train_steps, the chief pushes the final weights and both workers end
+  with identical variables. On the packed replay layout
+  (--replay_layout=packed), which a fast learner's pipeline wants."""
   port = free_port()
-  flags = _flags(port, 300, f'{tmp_path}/l') + ['--replay_layout=packed']
-  cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
-  cluster.start('actor', 'actor', flags + [f'--root_dir={tmp_path}/a'])
-  _start_group(cluster, flags, _workers())
-  for i in range(2):
-    assert cluster.wait(f'learner_{i}', 400) == 0, cluster.tail(
-        f'learner_{i}')
-  chief, other = (_finished(cluster.log(f'learner_{i}')) for i in range(2))
-  assert chief[0] == other[0] >= 300
-  assert chief[2] == other[2], 'the workers ended with different weights'
-  log = cluster.log('learner_0')
-  assert 'batch 32 over 2 replica(s)' in log
-  assert 'worker 0 of 2 (the chief' in log
-  # The chief pushed the final weights; only it writes under --root_dir.
-  published = one_value.published_train_step(
-      reverb.Client(f'localhost:{port}'), timeout_s=5)
-  assert published == chief[0]
-  assert 'pushed initial weights' not in cluster.log('learner_1')
-  assert cluster.wait('actor', 60) == 0, cluster.tail('actor')
-
-
-def test_a_killed_worker_ends_the_other_and_the_group_resumes(cluster,
-                                                              tmp_path):
-  port = free_port()
-  flags = _flags(port, 100000, f'{tmp_path}/l')
+  flags = _flags(port, 100000, f'{tmp_path}/l') + ['--replay_layout=packed']
   cluster.start('replay_server', 'replay_server', flags + [f'--port={port}'])
   cluster.start('actor', 'actor', flags + [f'--root_dir={tmp_path}/a'])
   _start_group(cluster, flags, _workers())
   cluster.wait_for_log('learner_0', r'Saved checkpoint: .*ckpt-[1-9]', 400)
+  assert 'batch 32 over 2 replica(s)' in cluster.log('learner_0')
+  assert 'worker 0 of 2 (the chief' in cluster.log('learner_0')
   cluster.signal('learner_1', signal.SIGKILL)
-  # Gone peer: the chief ends on its own (heartbeat or collective timeout).
+  # Gone peer: the chief ends on its own (the coordination heartbeat).
   code = cluster.wait('learner_0', 90)
   assert code not in (0, None), cluster.tail('learner_0')
   errors = [line for line in cluster.log('learner_0').splitlines()
             if line.startswith('learner: error:')]
   assert len(errors) == 1, cluster.tail('learner_0')
   assert 'learner workers lost one another at train_step' in errors[0]
-  saved = [int(s) for s in re.findall(r'ckpt-(\d+)',
-                                      cluster.log('learner_0'))]
+  saved = max(int(s) for s in re.findall(r'ckpt-(\d+)',
+                                         cluster.log('learner_0')))
   # Restarted, the group resumes from the chief's last checkpoint.
   flags = [f for f in flags if not f.startswith('--train_steps')]
-  _start_group(cluster, flags + [f'--train_steps={max(saved) + 100}'],
+  _start_group(cluster, flags + [f'--train_steps={saved + 100}'],
                _workers(), tag='_again')
   for i in range(2):
     assert cluster.wait(f'learner_{i}_again', 400) == 0, cluster.tail(
         f'learner_{i}_again')
-  ends = [_finished(cluster.log(f'learner_{i}_again')) for i in range(2)]
-  assert ends[0][1] == ends[1][1] == max(saved), ends  # Started there.
-  assert ends[0][2] == ends[1][2]
+  chief, other = (_finished(cluster.log(f'learner_{i}_again'))
+                  for i in range(2))
+  assert chief[1] == other[1] == saved, (chief, other)  # Started there.
+  assert chief[0] == other[0] >= saved + 100
+  assert chief[2] == other[2], 'the workers ended with different weights'
+  # The chief pushed the final weights; only it pushes.
+  published = one_value.published_train_step(
+      reverb.Client(f'localhost:{port}'), timeout_s=5)
+  assert published == chief[0]
+  assert 'pushed initial weights' not in cluster.log('learner_1_again')
 
 
 @pytest.mark.parametrize('workers, index, tf_config, message', [
@@ -150,6 +140,11 @@ def test_bad_cluster_specs_are_one_line_each(workers, index, tf_config,
   assert '\n' not in str(e.value)
 
 
+def test_workers_without_the_multi_worker_strategy_are_refused():
+  with pytest.raises(UserError, match='needs --strategy=multi_worker'):
+    strategy_lib.make_strategy('default', workers=('a:1',))
+
+
 def test_good_cluster_specs():
   assert strategy_lib.worker_cluster(('a:1', 'b:2'), 1, None) == (
       ('a:1', 'b:2'), 1)
@@ -161,8 +156,6 @@ def test_good_cluster_specs():
 @pytest.mark.parametrize('args, message', [
     (['--strategy=multi_worker', '--learner_workers=localhost:1,localhost:1'],
      'names a server twice'),
-    (['--learner_workers=localhost:1'], 'needs --strategy=multi_worker'),
-    (['--strategy=multi_worker'], 'needs the workers'),
 ])
 def test_the_learner_refuses_a_bad_cluster_in_one_line(tmp_path, args,
                                                        message):
