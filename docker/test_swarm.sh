@@ -68,7 +68,7 @@ cat >"$work/cluster.flags" <<'FLAGS'
 --replay_address=replay_server:8000
 --port=8000
 --num_actors=3
---train_steps=3000
+--train_steps=2000
 --initial_collect_steps=300
 --replay_capacity=20000
 --min_size_to_sample=300
@@ -189,9 +189,9 @@ done
 fingerprints=""
 for id in $learner_ids; do
   docker logs "$id" >"$work/learner-$id.log" 2>&1
-  finished="$(grep -oE 'learner: finished at train_step 3000 .*fingerprint [^ ]+' \
+  finished="$(grep -oE 'learner: finished at train_step 2000 .*fingerprint [^ ]+' \
               "$work/learner-$id.log" | tail -n 1)"
-  [ -n "$finished" ] || fail "learner worker $id did not finish at train_step 3000"
+  [ -n "$finished" ] || fail "learner worker $id did not finish at train_step 2000"
   fingerprints+="${finished##* } "
   pushed="$(grep -c 'learner: pushed initial weights' "$work/learner-$id.log" || true)"
   if [ "$id" = "$chief_id" ]; then
@@ -213,7 +213,7 @@ for id in $actor_ids; do
   [ "$code" = "0" ] || fail "actor container $id exited $code"
 done
 [ "$(docker service ps -q "${stack}_actor" | wc -l)" -eq 3 ] || fail "an actor was restarted"
-say "the same 2 learner workers (trained $at_kill -> 3000, never reset) and 3 actors finished"
+say "the same 2 learner workers (trained $at_kill -> 2000, never reset) and 3 actors finished"
 
 docker stack rm "$stack" >/dev/null
 gone() {
