@@ -6,7 +6,9 @@ With `--multi_worker host:port,host:port --index i` it is worker i of a
 `--strategy=multi_worker` learner instead (one process per worker, one
 replica each, each fed its slice of every global batch): it prints
 {"multi_worker": [...], "checksum": [...]}, the losses and a per-variable
-sum of its variables after the steps (every worker must hold the same).
+sum of its variables after the steps (every worker must hold the same);
+worker 0 also prints the "default" losses of one learner on the same
+weights and batches.
 
 Both strategies train the project's agent (common/agents.py) with the
 learner's `train_step.Learner` (TF-Agents' Learner), as learner/train.py does, from the same initial weights (copied) on
@@ -120,8 +122,16 @@ def main():
   start = [v.numpy() for v in initial_weights(reference)]
 
   out = {}
-  for name in ('multi_worker',) if workers else ('default', 'mirrored'):
-    strategy = (multi_worker if workers else
+  if not workers:
+    names = ('default', 'mirrored')
+  else:
+    # Worker 0 also trains one default learner first (outside the
+    # strategy's scope), the reference; its peer waits in its first
+    # collective meanwhile.
+    names = (('default',) if _arg('--index', '0') == '0' else ()) + (
+        'multi_worker',)
+  for name in names:
+    strategy = (multi_worker if name == 'multi_worker' else
                 strategy_lib.make_strategy(name))
     agent, train_step = make_agent(strategy)
     for v, value in zip(initial_weights(agent), start):

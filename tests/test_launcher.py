@@ -9,6 +9,7 @@ import time
 
 from absl import flags
 import imageio
+import pytest
 import tensorflow as tf
 
 from common import config as config_lib
@@ -234,20 +235,26 @@ def test_no_actor_left_stops_the_cluster_with_one_line(cluster, tmp_path):
   assert not _children_of(root, launcher.pid), 'orphans left behind'
 
 
-def test_launcher_runs_learner_workers(cluster, tmp_path):
-  """--learner_workers=2: the launcher starts two learner processes that
-  train one model to --train_steps (the group restart on a dead worker:
-  tests/test_supervisor.py, with stand-in children)."""
-  root = str(tmp_path / 'run')
-  cluster.start('launcher', 'launcher', PENDULUM + [
-      f'--root_dir={root}', '--train_steps=300', '--learner_workers=2',
-      '--with_evaluator=false'])
-  assert cluster.wait('launcher', 400) == 0, cluster.tail('launcher', 80)
-  log = cluster.log('launcher')
-  ends = re.findall(r'\[(learner(?:_1)?)\].*finished at train_step (\d+) '
-                    r'\(started at (\d+)\).*weights fingerprint (\w+)', log)
-  assert len(ends) == 2, log[-4000:]
-  assert {e[0] for e in ends} == {'learner', 'learner_1'}
-  assert ends[0][1:] == ends[1][1:], ends  # Same steps, same weights.
-  assert int(ends[0][1]) >= 300, ends
-  assert '[learner] ' in log and 'worker 0 of 2 (the chief' in log
+def test_learner_workers_become_one_group_of_learner_children():
+  """--learner_workers=2: the launcher starts two learner processes, one
+  group (the supervisor restarts it whole: tests/test_supervisor.py; the
+  workers training together: tests/test_multi_worker.py)."""
+  from common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from common.errors import UserError  # pylint: disable=g-import-not-at-top
+  from launcher import __main__ as launcher_main  # pylint: disable=g-import-not-at-top
+  kids = launcher_main.learners(
+      config_lib.LauncherConfig(learner_workers=2), ['--env=Pendulum-v1'])
+  assert [k.role for k in kids] == ['learner', 'learner_1']
+  assert {k.kind for k in kids} == {'learner'}
+  assert {k.group for k in kids} == {'learner'}
+  workers = [[a for a in k.args if a.startswith('--learner_workers=')][-1]
+             for k in kids]
+  assert workers[0] == workers[1] and workers[0].count('localhost:') == 2
+  assert [[a for a in k.args if a.startswith('--learner_index=')][-1]
+          for k in kids] == ['--learner_index=0', '--learner_index=1']
+  assert all('--strategy=multi_worker' in k.args for k in kids)
+  one = launcher_main.learners(config_lib.LauncherConfig(), [])
+  assert [k.role for k in one] == ['learner'] and not one[0].group
+  with pytest.raises(UserError, match='takes a count'):
+    launcher_main.learners(config_lib.LauncherConfig(
+        learner_workers=('a:1', 'b:2')), [])
