@@ -32,8 +32,9 @@ def plot_returns(rows: List[dict], path: str, title: str) -> None:
   os.replace(tmp, path)  # Never leave a half-written PNG.
 
 
-def write_video(env, policy, path: str, episodes: int, fps: int = 60) -> int:
-  """Renders `episodes` greedy episodes into an mp4; returns frames written."""
+def write_video(env, policy, path: str, episodes: int, fps: float) -> int:
+  """Renders `episodes` greedy episodes into an mp4, one frame per agent step
+  played at `fps` (the control rate: real speed); returns frames written."""
   import imageio  # pylint: disable=g-import-not-at-top
   frames = 0
   tmp = path + '.tmp.mp4'

@@ -21,9 +21,12 @@ from absl import logging
 import numpy as np
 import reverb
 from tf_agents.policies import greedy_policy
+from tf_agents.policies import py_policy
 from tf_agents.policies import py_tf_eager_policy
 from tf_agents.train import actor as tfa_actor
+from tf_agents.trajectories import policy_step
 
+from actor import env_loop
 from actor import env_processes
 from actor import triggers
 from common import agents
@@ -39,6 +42,8 @@ from variable_container.client import VariableContainerClient
 EVAL_DIR = 'eval'
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'returns.png'
+# Videos of an environment with no known control rate (a custom one).
+DEFAULT_VIDEO_FPS = 30
 
 
 def read_metrics(eval_dir: str) -> List[dict]:
@@ -178,6 +183,19 @@ def _row(step: int, results: dict, episodes: _EpisodeReturns,
           'time': time.time()}
 
 
+class _NumpyPyPolicy(py_policy.PyPolicy):
+  """A NumPy greedy policy (`agents.numpy_greedy_policy`) as the PyPolicy
+  TF-Agents' Actor and the video take, one unbatched time step at a time."""
+
+  def __init__(self, time_step_spec, action_spec, act):
+    super().__init__(time_step_spec, action_spec)
+    self._act = act
+
+  def _action(self, time_step, policy_state):
+    observation = np.asarray(time_step.observation)[None]
+    return policy_step.PolicyStep(self._act(observation)[0], policy_state, ())
+
+
 class _Evaluation:
   """The greedy policy on one environment, `num_eval_episodes` at a time,
   with the weights of the variable container (or the first shard that
@@ -196,25 +214,52 @@ class _Evaluation:
     self.variables = built.variables
     self.weights = FirstAnswering(_weights_addresses(s), self.variables, s,
                                   should_stop)
-    self.policy = py_tf_eager_policy.PyTFEagerPolicy(
-        greedy_policy.GreedyPolicy(agents.greedy_policy(built.agent,
-                                                        s.agent)),
-        use_tf_function=True)
+    numpy_greedy = agents.numpy_greedy_policy(built.agent, s.agent)
+    if numpy_greedy is not None:
+      # The same greedy actions without a TF call per step: evaluations
+      # take a core beside the actors and the learner for minutes.
+      env_loop.single_threaded_blas()
+      self.policy = _NumpyPyPolicy(self.env.time_step_spec(),
+                                   self.env.action_spec(), numpy_greedy)
+      self._refresh = numpy_greedy.refresh
+    else:
+      self.policy = py_tf_eager_policy.PyTFEagerPolicy(
+          greedy_policy.GreedyPolicy(agents.greedy_policy(built.agent,
+                                                          s.agent)),
+          use_tf_function=True)
+      self._refresh = lambda: None
     self._episodes = _EpisodeReturns()
-    self.actor = tfa_actor.Actor(
-        self.env, self.policy, built.train_step,
-        episodes_per_run=s.num_eval_episodes,
-        metrics=tfa_actor.eval_metrics(s.num_eval_episodes),
-        summary_dir=eval_dir,
-        summary_interval=0,  # Written explicitly after every evaluation.
-        observers=[_stop_check(should_stop), self._episodes])
+
+    def actor(episodes):
+      return tfa_actor.Actor(
+          self.env, self.policy, built.train_step, episodes_per_run=episodes,
+          metrics=tfa_actor.eval_metrics(episodes), summary_dir=eval_dir,
+          summary_interval=0,  # Written explicitly after every evaluation.
+          observers=[_stop_check(should_stop), self._episodes])
+
+    self._actors = {s.num_eval_episodes: actor(s.num_eval_episodes)}
+    final = s.final_eval_episodes or s.num_eval_episodes
+    if final not in self._actors:
+      self._actors[final] = actor(final)
+    self._final_episodes = final
+    self.actor = self._actors[s.num_eval_episodes]  # The last one run.
+
+  def reset(self) -> None:
+    """After something else stepped the environment (a video)."""
+    for actor in self._actors.values():
+      actor.reset()
 
   def run(self, step: int) -> Optional[dict]:
-    """`num_eval_episodes` with the weights of `step`: their row, or None
-    when a stop came during them."""
+    """`num_eval_episodes` (at the final train step `final_eval_episodes`)
+    with the weights of `step`: their row, or None when a stop came during
+    them."""
     agent_steps = status.inserted_items(self._s.replay_shards)
+    self._refresh()  # The weights of `step`, just pulled.
     self._episodes.clear()
     started = time.monotonic()
+    self.actor = self._actors[self._final_episodes
+                              if step >= self._s.max_train_steps else
+                              self._s.num_eval_episodes]
     try:
       self.actor.run()
     except _Stopped:
@@ -226,19 +271,33 @@ class _Evaluation:
                 self._s.env_options.action_repeat, started)
 
 
+def _video_fps(s: config_lib.EvalConfig, env) -> float:
+  """Frames per second of the evaluator's videos: the control rate, so that
+  a video plays at the speed the policy acted (Minitaur at action repeat 4:
+  0.01 s x 4, 25 fps)."""
+  rate = environments.control_rate_hz(env, s.env_options.action_repeat)
+  if rate is None:
+    logging.info('evaluator: --env=%s has no known control rate (no dt, '
+                 'time step or frame rate); videos at %d fps', s.env_name,
+                 DEFAULT_VIDEO_FPS)
+    return DEFAULT_VIDEO_FPS
+  return rate
+
+
 def _after_each(s: config_lib.EvalConfig, evaluation: _Evaluation,
                 eval_dir: str) -> list:
   """The triggers called with (train_step, row) after every evaluation."""
   return [
       triggers.MetricsRecord(
-          evaluation.actor, s.num_eval_episodes,
+          lambda: evaluation.actor,
           os.path.join(eval_dir, METRICS_FILE),
           os.path.join(eval_dir, PLOT_FILE), lambda: read_metrics(eval_dir),
           f'{s.env_name}: greedy policy'),
       triggers.StatusPublish(_weights_addresses(s)),
       triggers.Video(evaluation.env, evaluation.policy, eval_dir,
                      s.video_episodes, s.video_interval, s.max_train_steps,
-                     s.env_name, after=evaluation.actor.reset),
+                     s.env_name, after=evaluation.reset,
+                     fps=_video_fps(s, evaluation.env)),
   ]
 
 

@@ -170,24 +170,24 @@ class MetricsRecord:
   """After an evaluation: its TensorBoard summaries, its line of
   metrics.jsonl, the log line and the redrawn returns plot."""
 
-  def __init__(self, eval_actor, num_episodes: int, metrics_path: str,
+  def __init__(self, eval_actor: Callable[[], object], metrics_path: str,
                plot_path: str, read_rows: Callable[[], list], title: str):
-    self._eval_actor = eval_actor
-    self._num_episodes = num_episodes
+    self._eval_actor = eval_actor  # The TF-Agents Actor that just ran.
     self._metrics_path = metrics_path
     self._plot_path = plot_path
     self._read_rows = read_rows
     self._title = title
 
   def __call__(self, step: int, row: Dict) -> None:
-    self._eval_actor.write_metric_summaries()
-    self._eval_actor.summary_writer.flush()
+    eval_actor = self._eval_actor()
+    eval_actor.write_metric_summaries()
+    eval_actor.summary_writer.flush()
     with open(self._metrics_path, 'a') as f:
       f.write(json.dumps(row) + '\n')
     logging.info('evaluator: train_step %d  AverageReturn %.2f  '
                  'AverageEpisodeLength %.1f (%d episodes, %.1fs)', step,
                  row['AverageReturn'], row['AverageEpisodeLength'],
-                 self._num_episodes, row['eval_seconds'])
+                 row['num_episodes'], row['eval_seconds'])
     eval_outputs.plot_returns(self._read_rows(), self._plot_path, self._title)
 
 
@@ -215,8 +215,9 @@ class Video:
 
   def __init__(self, env, policy, eval_dir: str, episodes: int, interval: int,
                max_train_steps: int, env_name: str,
-               after: Callable[[], None]):
+               after: Callable[[], None], fps: float):
     self._env = env
+    self._fps = fps  # The control rate: it plays at the speed it was acted.
     self._policy = policy
     self._eval_dir = eval_dir
     self._episodes = episodes
@@ -235,8 +236,9 @@ class Video:
     path = os.path.join(self._eval_dir, f'step_{step:08d}.mp4')
     try:
       frames = eval_outputs.write_video(self._env, self._policy, path,
-                                        self._episodes)
-      logging.info('evaluator: wrote %s (%d frames)', path, frames)
+                                        self._episodes, self._fps)
+      logging.info('evaluator: wrote %s (%d frames at %g fps: %.1f s)', path,
+                   frames, self._fps, frames / self._fps)
     except NotImplementedError:
       logging.warning('evaluator: --env=%s cannot render; no video',
                       self._env_name)

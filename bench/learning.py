@@ -8,12 +8,17 @@ the evaluation episodes, episode length. `--baseline` adds the tutorial's
 single-process loop (bench/tutorial_loop.py) for the same steps. All curves
 are drawn into `<out>/learning.png`: return against train steps and against
 wall-clock, mean over seeds with the spread between seeds shaded (one seed:
-the spread between evaluation episodes).
+the spread between evaluation episodes). A series of 2 or more seeds also
+gets `<out>/<series>/aggregate.jsonl` and `<out>/aggregate.png`: at every
+evaluation step the mean and the interquartile mean over seeds, each with its
+95 % stratified-bootstrap confidence interval (rliable), and the quoted
+figures at 25k/50k/100k train steps on stdout.
 
 A run whose curve.jsonl already reaches --train_steps is kept, not rerun
 (--rerun to force), so presets can be run one at a time and drawn together.
 
-  make learn                                   # minitaur preset, 1 seed, 100k
+  make learn                                   # minitaur preset, 3 seeds, 100k
+  make learn ARGS=--seeds=5                    # seeds 0-4
   make learn ARGS="--presets=minitaur,tutorial --baseline --seeds=2"
   python -m bench.learning --plot_only --out=bench/results/learning/minitaur
 """
@@ -43,11 +48,14 @@ BASELINE = flags.DEFINE_boolean(
     'baseline', False, "Also run the tutorial's single-process loop.")
 ENV = flags.DEFINE_string('env', 'MinitaurBulletEnv-v0', 'Environment.')
 EVAL_INTERVAL = flags.DEFINE_integer(
-    'eval_interval', 5000, 'Train steps between evaluations (every run).',
-    lower_bound=1)
+    'eval_interval', None, 'Train steps between evaluations (every run; '
+    "default: the preset's).", lower_bound=1)
 NUM_EVAL_EPISODES = flags.DEFINE_integer(
-    'num_eval_episodes', 10, 'Greedy episodes per evaluation (every run).',
-    lower_bound=1)
+    'num_eval_episodes', None, 'Greedy episodes per evaluation (every run; '
+    "default: the preset's).", lower_bound=1)
+FINAL_EVAL_EPISODES = flags.DEFINE_integer(
+    'final_eval_episodes', None, 'Greedy episodes of the final evaluation '
+    "(every run; default: the preset's).", lower_bound=1)
 RERUN = flags.DEFINE_boolean('rerun', False,
                              'Rerun runs whose curve is already complete.')
 PLOT_ONLY = flags.DEFINE_boolean('plot_only', False,
@@ -148,6 +156,9 @@ def run_cluster(preset, seed, run_dir, eval_flags, extra=()):
 
 
 def run_baseline(seed, run_dir, eval_flags):
+  # The tutorial's loop has one kind of evaluation.
+  eval_flags = [f for f in eval_flags
+                if not f.startswith('--final_eval_episodes=')]
   args = [sys.executable, '-m', 'bench.tutorial_loop', f'--out={run_dir}',
           f'--env={ENV.value}', f'--seed={seed}',
           f'--train_steps={TRAIN_STEPS.value}'] + eval_flags
@@ -206,6 +217,146 @@ def steps_to_threshold(series, threshold):
   return lines
 
 
+# Train steps the README quotes the aggregate at.
+QUOTED_STEPS = (25000, 50000, 100000)
+AGGREGATE = 'aggregate.jsonl'
+
+
+def on_common_steps(runs):
+  """(steps, returns [run, step], wall-clock minutes [run, step]) of `runs`
+  on the union of their evaluation steps up to the shortest run's last.
+
+  Seeds are evaluated at different steps (the evaluator skips an interval it
+  cannot keep up with): each run is put on every step, linearly between its
+  own evaluations, so each final counts.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  last = min(rows[-1]['train_step'] for rows in runs)
+  steps = np.array(sorted({r['train_step'] for rows in runs for r in rows
+                           if r['train_step'] <= last}))
+
+  def at_steps(rows, key):
+    return np.interp(steps, [r['train_step'] for r in rows],
+                     [r[key] for r in rows])
+
+  returns = np.array([at_steps(rows, 'return_mean') for rows in runs])
+  walls = np.array([at_steps(rows, 'wall_s') for rows in runs]) / 60
+  return steps, returns, walls
+
+
+def aggregate(runs, reps=5000):
+  """Rows, one per evaluation step: mean and interquartile mean (IQM) over
+  the runs' greedy returns, each with its 95 % stratified-bootstrap
+  confidence interval (rliable: Agarwal et al. 2021), and the spread.
+
+  One task, so the IQM is the mean of the middle 50 % of runs (with 5 runs,
+  of the middle 3 after dropping 1/4 of the mass from each end).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from rliable import library as rly  # pylint: disable=g-import-not-at-top
+  from rliable import metrics  # pylint: disable=g-import-not-at-top
+  steps, returns, walls = on_common_steps(runs)
+  scores = {'x': returns[:, None, :]}  # [runs, tasks=1, steps]
+
+  def per_step(metric):
+    return lambda x: np.array([metric(x[..., i]) for i in range(x.shape[-1])])
+
+  import warnings  # pylint: disable=g-import-not-at-top
+  # rliable hands arch a RandomState, which arch calls deprecated.
+  warnings.filterwarnings('ignore', 'random_state is deprecated',
+                          FutureWarning)
+  estimates = {}
+  for name, metric in (('mean', metrics.aggregate_mean),
+                       ('iqm', metrics.aggregate_iqm)):
+    point, interval = rly.get_interval_estimates(
+        scores, per_step(metric), reps=reps,
+        random_state=np.random.RandomState(0))
+    estimates[name] = (point['x'], interval['x'])
+  rows = []
+  for i, step in enumerate(steps):
+    row = {'train_step': int(step), 'runs': len(runs),
+           'wall_min_mean': round(float(walls[:, i].mean()), 2)}
+    for name, (point, interval) in estimates.items():
+      row[name] = round(float(point[i]), 4)
+      row[f'{name}_ci_low'] = round(float(interval[0, i]), 4)
+      row[f'{name}_ci_high'] = round(float(interval[1, i]), 4)
+    row['min'] = round(float(returns[:, i].min()), 4)
+    row['max'] = round(float(returns[:, i].max()), 4)
+    row['returns'] = [round(float(v), 4) for v in returns[:, i]]
+    rows.append(row)
+  return rows
+
+
+def write_aggregates(series, out):
+  """`<out>/<name>/aggregate.jsonl` of every series with 2 or more runs;
+  {name: rows}."""
+  done = {}
+  for name, runs in series.items():
+    if len(runs) < 2:
+      continue
+    rows = aggregate(runs)
+    with open(os.path.join(out, name, AGGREGATE), 'w') as f:
+      for r in rows:
+        f.write(json.dumps(r) + '\n')
+    done[name] = rows
+  return done
+
+
+def quote(name, rows, steps=QUOTED_STEPS):
+  """Lines of text: the aggregate at the quoted steps."""
+  lines = []
+  by_step = {r['train_step']: r for r in rows}
+  for step in steps:
+    r = by_step.get(step)
+    if r is None:
+      continue
+    lines.append(
+        f'{name} at {step // 1000}k over {r["runs"]} seeds: IQM '
+        f'{r["iqm"]:.2f} [{r["iqm_ci_low"]:.2f}, {r["iqm_ci_high"]:.2f}], '
+        f'mean {r["mean"]:.2f} [{r["mean_ci_low"]:.2f}, '
+        f'{r["mean_ci_high"]:.2f}] (95 % bootstrap CIs), seeds '
+        f'{r["min"]:.2f} to {r["max"]:.2f}: '
+        + ', '.join(f'{v:.2f}' for v in r['returns'])
+        + f'; {r["wall_min_mean"]:.1f} min')
+  return lines
+
+
+def plot_aggregate(series, aggregates, path, title):
+  """IQM with its 95 % CI shaded, the mean dashed and every seed thin,
+  against train steps and against wall-clock."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, rows in aggregates.items():
+    steps, returns, walls = on_common_steps(series[name])
+    iqm = np.array([r['iqm'] for r in rows])
+    low = np.array([r['iqm_ci_low'] for r in rows])
+    high = np.array([r['iqm_ci_high'] for r in rows])
+    mean = np.array([r['mean'] for r in rows])
+    for ax, x, seeds_x in ((axes[0], steps / 1000, [steps / 1000] * len(walls)),
+                           (axes[1], walls.mean(0), list(walls))):
+      line, = ax.plot(x, iqm, marker='o', markersize=3,
+                      label=f'{name}: IQM over {len(returns)} seeds, 95 % CI')
+      ax.fill_between(x, low, high, alpha=0.25, color=line.get_color())
+      ax.plot(x, mean, linestyle='--', color=line.get_color(), linewidth=1,
+              label=f'{name}: mean')
+      for sx, sy in zip(seeds_x, returns):
+        ax.plot(sx, sy, color=line.get_color(), linewidth=0.5, alpha=0.4)
+  axes[0].set_xlabel('train steps (thousands)')
+  axes[1].set_xlabel('wall-clock (minutes, this machine)')
+  for ax in axes:
+    ax.set_ylabel('greedy return')
+    ax.axhline(0, color='grey', linewidth=0.5)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8, loc='upper left')
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def plot(series, path, title):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -213,19 +364,7 @@ def plot(series, path, title):
   import numpy as np  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for name, runs in series.items():
-    # Seeds are evaluated at different steps (the evaluator skips an
-    # interval it cannot keep up with): put every seed on the union of their
-    # evaluation steps, linearly between its own, so each final counts.
-    last = min(rows[-1]['train_step'] for rows in runs)
-    steps = np.array(sorted({r['train_step'] for rows in runs for r in rows
-                             if r['train_step'] <= last}))
-
-    def at_steps(rows, key):
-      return np.interp(steps, [r['train_step'] for r in rows],
-                       [r[key] for r in rows])
-
-    returns = np.array([at_steps(rows, 'return_mean') for rows in runs])
-    walls = np.array([at_steps(rows, 'wall_s') for rows in runs]) / 60
+    steps, returns, walls = on_common_steps(runs)
     mean = returns.mean(0)
     if len(runs) > 1:
       low, high = returns.min(0), returns.max(0)
@@ -258,9 +397,10 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   codes = []
   if not PLOT_ONLY.value:
-    # Every run is evaluated alike, whatever its preset says.
-    eval_flags = [f'--eval_interval={EVAL_INTERVAL.value}',
-                  f'--num_eval_episodes={NUM_EVAL_EPISODES.value}']
+    # Given, every run is evaluated alike, whatever its preset says.
+    eval_flags = [f'--{f.name}={f.value}' for f in (
+        EVAL_INTERVAL, NUM_EVAL_EPISODES, FINAL_EVAL_EPISODES)
+                  if f.value is not None]
     seeds = range(FIRST_SEED.value, FIRST_SEED.value + SEEDS.value)
     named = variants()
     if named:
@@ -308,6 +448,16 @@ def main(argv):
       for line in steps_to_threshold(series, THRESHOLD.value):
         print(f'[learning] {line}')
     print(f'[learning] figure: {png}')
+    aggregates = write_aggregates(series, out)
+    if aggregates:
+      png = os.path.join(out, 'aggregate.png')
+      plot_aggregate(series, aggregates, png,
+                     f'{ENV.value}: greedy return over seeds (this machine)')
+      for name, rows in aggregates.items():
+        for line in quote(name, rows):
+          print(f'[learning] {line}')
+      print(f'[learning] aggregate figure: {png} (rows: '
+            f'<out>/<series>/{AGGREGATE})')
   return 1 if any(codes) else 0
 
 

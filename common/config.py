@@ -525,6 +525,11 @@ class EvalConfig(_ActingConfig):
   eval_interval: int = setting(
       10000, 'Train steps between evaluations.', lower=1)
   num_eval_episodes: int = setting(20, 'Episodes per evaluation.', lower=1)
+  final_eval_episodes: int = setting(
+      0, 'Episodes of the evaluation at the final train step, the one a run '
+      'is judged on (0: --num_eval_episodes). More than --num_eval_episodes '
+      'keeps the evaluations during the run cheap and the final one exact.',
+      lower=0)
   poll_interval_s: float = 1.0
   video_episodes: int = setting(
       1, 'evaluator: greedy episodes rendered into each mp4 (0: no video).',

@@ -224,6 +224,43 @@ def _load(name: str, max_episode_steps: int):
   return env
 
 
+def control_rate_hz(env, action_repeat: int = 1) -> Optional[float]:
+  """Agent steps per second of simulated time, or None when `env` says not.
+
+  The period of one agent step is the environment's own step period times
+  `action_repeat` (TF-Agents' ActionRepeat wrapper, --action_repeat). The
+  environment's period is found on the innermost gym environment: PyBullet's
+  Minitaur `_time_step * _action_repeat` (0.01 s x 1), `dt` (Pendulum 0.05 s,
+  MuJoCo), `tau` (CartPole 0.02 s), else its metadata's frame rate. A
+  PyEnvironment with none of these (a custom one) has no known rate.
+  """
+  inner = env
+  for _ in range(64):  # Down the wrappers to the gym environment.
+    if hasattr(inner, 'gym'):
+      inner = inner.gym
+      break
+    if not hasattr(inner, 'wrapped_env'):
+      break
+    inner = inner.wrapped_env()
+  inner = getattr(inner, 'unwrapped', inner)
+  period = None
+  time_step = getattr(inner, '_time_step', None)
+  if isinstance(time_step, (int, float)) and time_step > 0:
+    period = time_step * getattr(inner, '_action_repeat', 1)
+  for name in ('dt', 'tau'):
+    value = getattr(inner, name, None) if period is None else None
+    if isinstance(value, (int, float)) and value > 0:
+      period = float(value)
+  if period is None:
+    metadata = getattr(inner, 'metadata', None) or {}
+    fps = metadata.get('render_fps') or metadata.get('video.frames_per_second')
+    if isinstance(fps, (int, float)) and fps > 0:
+      period = 1.0 / fps
+  if period is None:
+    return None
+  return 1.0 / (period * max(1, action_repeat))
+
+
 def set_render_size(width: int, height: int) -> None:
   """Sets the frame size PyBullet's Minitaur renders at.
 

@@ -266,3 +266,39 @@ def test_writer_writes_the_items_tf_agents_observer_writes():
                  for _, d in mine)
     finally:
       server.stop()
+
+
+def test_evaluators_numpy_greedy_policy_acts_as_tf_agents_greedy_policy():
+  """The evaluator's greedy policy in NumPy takes TF-Agents' greedy actions
+  on a real environment's time steps (SAC on Pendulum, DQN on CartPole)."""
+  from tf_agents.policies import py_tf_eager_policy  # pylint: disable=g-import-not-at-top
+  from actor import evaluate  # pylint: disable=g-import-not-at-top
+  cases = [('Pendulum-v1', config_lib.SacConfig(actor_fc_layers=(16, 8))),
+           ('CartPole-v0', config_lib.DqnConfig(q_fc_layers=(16, 8)))]
+  for name, config in cases:
+    env = environments.load_environment(name, seed=0)
+    agent = agents.create_agent(env, config)
+    _randomize(agent.collect_policy.variables(), seed=7)
+    numpy_greedy = agents.numpy_greedy_policy(agent, config)
+    assert numpy_greedy is not None, name
+    ours = evaluate._NumpyPyPolicy(  # pylint: disable=protected-access
+        env.time_step_spec(), env.action_spec(), numpy_greedy)
+    theirs = py_tf_eager_policy.PyTFEagerPolicy(
+        greedy_policy.GreedyPolicy(agents.greedy_policy(agent, config)))
+    numpy_greedy.refresh()
+    time_step, actions = env.reset(), []
+    for _ in range(30):
+      action = ours.action(time_step).action
+      np.testing.assert_allclose(action, theirs.action(time_step).action,
+                                 atol=1e-5)
+      assert action.dtype == env.action_spec().dtype
+      assert action.shape == env.action_spec().shape
+      actions.append(action)
+      time_step = env.step(action)
+    if name == 'Pendulum-v1':  # CartPole's two actions may all be one.
+      assert np.std(actions) > 0.01  # The observations matter.
+    # New weights are taken in by refresh(), as after a pull.
+    _randomize(agent.collect_policy.variables(), seed=8)
+    numpy_greedy.refresh()
+    np.testing.assert_allclose(ours.action(time_step).action,
+                               theirs.action(time_step).action, atol=1e-5)

@@ -170,3 +170,76 @@ def test_cartpole_dqn_reaches_150(cluster, tmp_path):
   assert 3000 <= steps[1] < 6000, rows
   last_two = [r['AverageReturn'] for r in rows[-2:]]
   assert sum(last_two) / 2 >= 150, rows
+
+
+@pytest.mark.parametrize('name,action_repeat,hz', [
+    ('MinitaurBulletEnv-v0', 4, 25.0),   # 0.01 s simulator step x 4.
+    ('MinitaurBulletEnv-v0', 1, 100.0),
+    ('Pendulum-v1', 1, 20.0),            # dt 0.05 s.
+    ('CartPole-v0', 2, 25.0),            # tau 0.02 s x 2.
+])
+def test_control_rate_is_the_simulated_time_of_an_agent_step(
+    name, action_repeat, hz):
+  env = environments.load_environment(
+      name, options=config_lib.EnvOptions(action_repeat=action_repeat))
+  assert environments.control_rate_hz(env, action_repeat) == pytest.approx(hz)
+
+
+def test_a_custom_environment_has_no_control_rate():
+  assert environments.control_rate_hz(CardGameEnv(seed=0)) is None
+
+
+def test_minitaur_video_plays_at_the_control_rate(tmp_path):
+  """The evaluator's mp4 plays as fast as the policy acted: one frame per
+  agent step at 25 fps for Minitaur at action repeat 4 (not 60 fps, which
+  played a 10 s episode in 4.2 s)."""
+  import imageio  # pylint: disable=g-import-not-at-top
+  from tf_agents.policies import random_py_policy  # pylint: disable=g-import-not-at-top
+  from actor import eval_outputs  # pylint: disable=g-import-not-at-top
+  from actor import evaluate  # pylint: disable=g-import-not-at-top
+  environments.set_render_size(64, 48)
+  try:
+    # 40 simulator steps (0.4 s) = 10 agent steps.
+    options = config_lib.EnvOptions(max_episode_steps=40, action_repeat=4)
+    env = environments.load_environment('MinitaurBulletEnv-v0',
+                                        options=options)
+    settings = config_lib.EvalConfig(env_name='MinitaurBulletEnv-v0',
+                                     root_dir='', env_options=options)
+    fps = evaluate._video_fps(settings, env)  # pylint: disable=protected-access
+    policy = random_py_policy.RandomPyPolicy(env.time_step_spec(),
+                                             env.action_spec())
+    path = str(tmp_path / 'episode.mp4')
+    frames = eval_outputs.write_video(env, policy, path, 1, fps)
+  finally:
+    environments.set_render_size(*config_lib.EvalConfig().video_size)
+  reader = imageio.v2.get_reader(path)
+  meta = reader.get_meta_data()
+  assert meta['fps'] == pytest.approx(25.0)
+  read = sum(1 for _ in reader)
+  assert frames == read >= 2  # The reset frame, one per agent step.
+  # Unless it fell early, 11 frames: 0.44 s, the simulated 0.4 s + 1 frame.
+  assert read / meta['fps'] == pytest.approx(read * 4 * 0.01)
+
+
+def test_no_process_prints_gyms_unmaintained_notice():
+  """gym 0.23 prints a notice on import; the project's processes do not.
+
+  The first process shows the notice is there to be kept quiet (so this
+  test can fail); the others import gym the way each binary does, after
+  `common`.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  marker = 'Gym has been unmaintained'
+  bare = subprocess.run([sys.executable, '-c', 'import gym'],
+                        capture_output=True, text=True, check=True)
+  assert marker in bare.stderr
+  for module in ('actor', 'learner', 'replay_server', 'variable_container',
+                 'launcher'):
+    run = subprocess.run(
+        [sys.executable, '-c',
+         f'import {module}.__main__, gym'],
+        capture_output=True, text=True, cwd=os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert marker not in run.stderr + run.stdout, module

@@ -44,7 +44,8 @@ def test_launcher_end_to_end_with_an_actor_killed(cluster, tmp_path):
   train_steps = 1500
   launcher = cluster.start('launcher', 'launcher', PENDULUM + [
       f'--root_dir={root}', f'--train_steps={train_steps}',
-      '--eval_interval=500', '--num_eval_episodes=2', '--video_episodes=1'])
+      '--eval_interval=500', '--num_eval_episodes=2',
+      '--final_eval_episodes=3', '--video_episodes=1'])
   # Kill actor 1 mid-run; the launcher must restart it.
   cluster.wait_for_log('launcher', r'\[learner\].*learner: train_step \d+',
                        240)
@@ -72,6 +73,8 @@ def test_launcher_end_to_end_with_an_actor_killed(cluster, tmp_path):
   assert len(rows) >= 2 and steps == sorted(set(steps)), rows
   assert steps[-1] >= train_steps
   assert all(isinstance(r['AverageReturn'], float) for r in rows)
+  # Cheap evaluations during the run, the exact one at the end.
+  assert [r['num_episodes'] for r in rows] == [2] * (len(rows) - 1) + [3]
 
   png = os.path.join(eval_dir, 'returns.png')
   image = imageio.v2.imread(png)
@@ -82,8 +85,13 @@ def test_launcher_end_to_end_with_an_actor_killed(cluster, tmp_path):
   videos = glob.glob(os.path.join(eval_dir, '*.mp4'))
   assert len(videos) == 1, videos
   frames = imageio.v2.mimread(videos[0], memtest=False)
-  # Pendulum episodes are 200 steps: the reset frame plus one per step.
+  # Pendulum episodes are 200 steps: the reset frame plus one per step,
+  # played at the control rate (dt 0.05 s: 20 fps), so 10 s in 10 s.
   assert len(frames) >= 201
+  assert imageio.v2.get_reader(videos[0]).get_meta_data()['fps'] == 20
+  # Every process (server, learner, actors, evaluator) imported gym, none
+  # printed its "unmaintained" notice.
+  assert 'unmaintained' not in log
 
   assert {'Losses/critic_loss', 'Losses/actor_loss',
           'Losses/alpha_loss'} <= _tags(os.path.join(root, 'train'))

@@ -98,6 +98,33 @@ def numpy_collect_policy(agent, config: AgentConfig,
   return make(agent, config, seed) if make is not None else None
 
 
+class NumpyGreedyPolicy:
+  """The greedy policy in NumPy: `policy(observations)` maps a batch
+  ([B, ...]) to the greedy actions, `refresh()` takes in new weights."""
+
+  def __init__(self, act, refresh):
+    self._act = act
+    self.refresh = refresh
+
+  def __call__(self, observations):
+    return self._act(observations)
+
+
+def numpy_greedy_policy(agent, config: AgentConfig):
+  """The greedy policy (`greedy_policy`) in NumPy, or None where the agent
+  has no NumPy collect policy: the evaluator's, whose every environment step
+  would otherwise pay for a TF policy call.
+
+  SAC: the squashed mean (`NumpyCollectPolicy.mode`, TF-Agents'
+  GreedyPolicy over the actor); DQN: the argmax of the Q-values.
+  """
+  policy = numpy_collect_policy(agent, config, seed=0)
+  greedy = getattr(policy, 'mode', None) or getattr(policy, 'greedy', None)
+  if greedy is None:
+    return None
+  return NumpyGreedyPolicy(greedy, policy.refresh)
+
+
 def sequence_length(agent) -> int:
   """Steps per replay item: 2 for (s, a, r, s'), N+1 for N-step returns."""
   return int(agent.train_sequence_length)

@@ -1,0 +1,64 @@
+"""`make learn`'s aggregate over seeds: mean and IQM with bootstrap CIs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import learning
+
+
+def _runs(finals):
+  """One curve per seed: 0 at step 0, `final` at 10000, linear between."""
+  return [[{'train_step': step, 'wall_s': 60.0 * (1 + step // 5000),
+            'return_mean': final * step / 10000}
+           for step in (0, 5000, 10000)] for final in finals]
+
+
+def test_aggregate_is_mean_and_iqm_with_intervals_around_them():
+  finals = [1.0, 3.0, 3.5, 4.0, 10.0]  # One outlier seed.
+  rows = learning.aggregate(_runs(finals), reps=2000)
+  assert [r['train_step'] for r in rows] == [0, 5000, 10000]
+  last = rows[-1]
+  assert last['runs'] == 5 and last['returns'] == finals
+  assert last['mean'] == pytest.approx(np.mean(finals))
+  # The IQM drops the bottom and top quarter of the seeds: the outlier too.
+  assert last['iqm'] == pytest.approx(np.mean([3.0, 3.5, 4.0]))
+  assert last['iqm'] < last['mean']
+  for name in ('mean', 'iqm'):
+    assert last[f'{name}_ci_low'] <= last[name] <= last[f'{name}_ci_high']
+    assert last[f'{name}_ci_high'] - last[f'{name}_ci_low'] > 0.5
+  assert (last['min'], last['max']) == (1.0, 10.0)
+  # All seeds at 0: no spread, no interval.
+  assert rows[0]['iqm_ci_low'] == rows[0]['iqm_ci_high'] == 0.0
+
+
+def test_seeds_evaluated_at_different_steps_are_put_on_every_step():
+  runs = _runs([2.0, 4.0])
+  del runs[1][1]  # Seed 1 skipped the evaluation at 5000.
+  rows = learning.aggregate(runs, reps=500)
+  assert [r['train_step'] for r in rows] == [0, 5000, 10000]
+  assert rows[1]['returns'] == [1.0, 2.0]  # Halfway between its own.
+
+
+def test_plot_only_writes_the_aggregate_and_quotes_it(tmp_path, capsys):
+  for seed, final in enumerate([3.0, 4.0, 5.0]):
+    run_dir = tmp_path / 'minitaur' / f'seed_{seed}'
+    run_dir.mkdir(parents=True)
+    rows = _runs([final])[0] + [{'train_step': s, 'wall_s': 60.0 * s / 5000,
+                                 'return_mean': final * s / 10000}
+                                for s in (25000, 50000, 100000)]
+    with open(run_dir / learning.CURVE, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in rows)
+  learning.flags.FLAGS(['learning', f'--out={tmp_path}', '--plot_only'])
+  try:
+    assert learning.main([]) == 0
+  finally:
+    learning.flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert 'minitaur at 100k over 3 seeds: IQM 40.00' in out
+  assert (tmp_path / 'aggregate.png').stat().st_size > 10000
+  with open(tmp_path / 'minitaur' / learning.AGGREGATE) as f:
+    rows = [json.loads(line) for line in f]
+  assert rows[-1]['train_step'] == 100000 and rows[-1]['returns'] == [
+      30.0, 40.0, 50.0]
