@@ -321,14 +321,35 @@ def quote(name, rows, steps=QUOTED_STEPS):
   return lines
 
 
-def plot_aggregate(series, aggregates, path, title):
-  """IQM with its 95 % CI shaded, the mean dashed and every seed thin,
-  against train steps and against wall-clock."""
+def _figure():
+  """(figure, [axes against train steps, axes against wall-clock])."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt.subplots(1, 2, figsize=(12, 4.5))
+
+
+def _finish_figure(fig, axes, path, title):
+  """Labels, legend and title; saved to `path`."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  axes[0].set_xlabel('train steps (thousands)')
+  axes[1].set_xlabel('wall-clock (minutes, this machine)')
+  for ax in axes:
+    ax.set_ylabel('greedy return')
+    ax.axhline(0, color='grey', linewidth=0.5)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8, loc='upper left')
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_aggregate(series, aggregates, path, title):
+  """IQM with its 95 % CI shaded, the mean dashed and every seed thin,
+  against train steps and against wall-clock."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = _figure()
   for name, rows in aggregates.items():
     steps, returns, walls = on_common_steps(series[name])
     iqm = np.array([r['iqm'] for r in rows])
@@ -344,25 +365,12 @@ def plot_aggregate(series, aggregates, path, title):
               label=f'{name}: mean')
       for sx, sy in zip(seeds_x, returns):
         ax.plot(sx, sy, color=line.get_color(), linewidth=0.5, alpha=0.4)
-  axes[0].set_xlabel('train steps (thousands)')
-  axes[1].set_xlabel('wall-clock (minutes, this machine)')
-  for ax in axes:
-    ax.set_ylabel('greedy return')
-    ax.axhline(0, color='grey', linewidth=0.5)
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8, loc='upper left')
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _finish_figure(fig, axes, path, title)
 
 
 def plot(series, path, title):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = _figure()
   for name, runs in series.items():
     steps, returns, walls = on_common_steps(runs)
     mean = returns.mean(0)
@@ -378,17 +386,7 @@ def plot(series, path, title):
     for ax, x in ((axes[0], steps / 1000), (axes[1], walls.mean(0))):
       line, = ax.plot(x, mean, marker='o', markersize=3, label=label)
       ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
-  axes[0].set_xlabel('train steps (thousands)')
-  axes[1].set_xlabel('wall-clock (minutes, this machine)')
-  for ax in axes:
-    ax.set_ylabel('greedy return')
-    ax.axhline(0, color='grey', linewidth=0.5)
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8, loc='upper left')
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _finish_figure(fig, axes, path, title)
 
 
 def main(argv):
