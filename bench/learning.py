@@ -58,6 +58,11 @@ FINAL_EVAL_EPISODES = flags.DEFINE_integer(
     "(every run; default: the preset's).", lower_bound=1)
 RERUN = flags.DEFINE_boolean('rerun', False,
                              'Rerun runs whose curve is already complete.')
+RESUME = flags.DEFINE_boolean(
+    'resume', False,
+    'Continue an incomplete run (or a complete one, to a larger '
+    '--train_steps) from its checkpoints instead of starting it afresh; its '
+    'wall-clock leaves out the time between the parts.')
 PLOT_ONLY = flags.DEFINE_boolean('plot_only', False,
                                  'Only redraw the figure from the curves.')
 IMPORT_RUNS = flags.DEFINE_list(
@@ -80,6 +85,7 @@ EXTRA = flags.DEFINE_list(
 
 BASELINE_NAME = 'tutorial_loop'
 CURVE = 'curve.jsonl'
+PARTS = 'parts.json'  # [started, ended] of each launcher invocation.
 
 
 def read_jsonl(path):
@@ -97,14 +103,30 @@ def complete(run_dir, train_steps):
   return bool(rows) and rows[-1]['train_step'] >= train_steps
 
 
+def run_seconds(t, parts):
+  """Seconds of running at wall time `t` of a run made in `parts`
+  ([started, ended or None] of each launcher invocation): the gaps between
+  parts do not count."""
+  total = 0.0
+  for started, ended in parts:
+    if t < started:
+      break
+    if ended is None or t <= ended:
+      return total + t - started
+    total += ended - started
+  return total
+
+
 def curve_rows(metrics_rows, started):
-  """Evaluator rows of this run -> curve rows."""
+  """Evaluator rows of this run -> curve rows; `started` is the launch time
+  or the run's parts (`run_seconds`)."""
+  parts = started if isinstance(started, list) else [[started, None]]
   out = []
   for r in metrics_rows:
     out.append({
         'train_step': r['train_step'],
         'env_steps': r.get('env_steps'),
-        'wall_s': round(r['time'] - started, 1),
+        'wall_s': round(run_seconds(r['time'], parts), 1),
         'return_mean': r['AverageReturn'],
         'return_std': r.get('ReturnStd'),
         'episode_length': r['AverageEpisodeLength'],
@@ -135,20 +157,35 @@ def variants():
 
 def run_cluster(preset, seed, run_dir, eval_flags, extra=()):
   root = os.path.join(run_dir, 'run')
-  if os.path.exists(root):
+  parts_path = os.path.join(run_dir, PARTS)
+  parts = []
+  if RESUME.value and os.path.exists(root):
+    if not os.path.exists(parts_path):
+      raise SystemExit(f'[learning] --resume: {root} has no {PARTS} (when '
+                       'its parts ran); not resuming it')
+    with open(parts_path) as f:
+      parts = json.load(f)  # Resumed on the same root_dir: its checkpoints.
+    print(f'[learning] {preset} seed {seed}: resuming {root} (part '
+          f'{len(parts) + 1})', flush=True)
+  elif os.path.exists(root):
     shutil.rmtree(root)  # A fresh run: no resumed replay or checkpoints.
   args = [sys.executable, '-m', 'launcher', f'--preset={preset}',
           f'--seed={seed}', f'--env={ENV.value}',
           f'--train_steps={TRAIN_STEPS.value}', f'--root_dir={root}',
           '--show_child_logs=false', '--progress_interval_s=30'
          ] + eval_flags + EXTRA.value + list(extra)
-  started = time.time()
+  parts.append([time.time(), None])
   proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, PYTHONUNBUFFERED='1'))
-  code = _stream(proc, f'{preset} seed {seed}')
+  try:
+    code = _stream(proc, f'{preset} seed {seed}')
+  finally:
+    parts[-1][1] = time.time()
+    with open(parts_path, 'w') as f:
+      json.dump(parts, f)
   rows = curve_rows(read_jsonl(os.path.join(root, 'eval', 'metrics.jsonl')),
-                    started)
+                    parts)
   with open(os.path.join(run_dir, CURVE), 'w') as f:
     for r in rows:
       f.write(json.dumps(r) + '\n')

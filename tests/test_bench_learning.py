@@ -62,3 +62,14 @@ def test_plot_only_writes_the_aggregate_and_quotes_it(tmp_path, capsys):
     rows = [json.loads(line) for line in f]
   assert rows[-1]['train_step'] == 100000 and rows[-1]['returns'] == [
       30.0, 40.0, 50.0]
+
+
+def test_a_run_in_parts_counts_only_the_time_it_ran():
+  parts = [[100.0, 160.0], [1000.0, None]]  # 60 s, a gap, then running.
+  assert learning.run_seconds(130.0, parts) == 30.0
+  assert learning.run_seconds(160.0, parts) == 60.0
+  assert learning.run_seconds(1010.0, parts) == 70.0
+  rows = learning.curve_rows([{'train_step': 5, 'time': 1030.0,
+                               'AverageReturn': 1.0,
+                               'AverageEpisodeLength': 3.0}], parts)
+  assert rows[0]['wall_s'] == 90.0
