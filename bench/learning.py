@@ -145,11 +145,15 @@ def run_cluster(preset, seed, run_dir, eval_flags, extra=()):
     parts[-1][1] = time.time()
     with open(parts_path, 'w') as f:
       json.dump(parts, f)
-  rows = curves.curve_rows(curves.read_jsonl(os.path.join(root, 'eval', 'metrics.jsonl')),
-                    parts)
+  rows = curves.curve_rows(
+      curves.read_jsonl(os.path.join(root, 'eval', 'metrics.jsonl')), parts)
   with open(os.path.join(run_dir, CURVE), 'w') as f:
     for r in rows:
       f.write(json.dumps(r) + '\n')
+  # The final greedy episode beside the curve (run/ is not kept in git).
+  video = os.path.join(root, 'eval', f'step_{TRAIN_STEPS.value:08d}.mp4')
+  if os.path.exists(video):
+    shutil.copy(video, run_dir)
   return code
 
 
@@ -213,7 +217,8 @@ def main(argv):
     run_dir = os.path.join(out, name, 'seed_0')
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, CURVE), 'w') as f:
-      for r in curves.curve_rows(rows, rows[0]['time'] - rows[0]['eval_seconds']):
+      for r in curves.curve_rows(rows,
+                                 rows[0]['time'] - rows[0]['eval_seconds']):
         f.write(json.dumps(r) + '\n')
   series = curves.load_series(out)
   if series:
