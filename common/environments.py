@@ -248,8 +248,8 @@ def control_rate_hz(env, action_repeat: int = 1) -> Optional[float]:
   if isinstance(time_step, (int, float)) and time_step > 0:
     period = time_step * getattr(inner, '_action_repeat', 1)
   for name in ('dt', 'tau'):
-    value = getattr(inner, name, None) if period is None else None
-    if isinstance(value, (int, float)) and value > 0:
+    value = getattr(inner, name, None)
+    if period is None and isinstance(value, (int, float)) and value > 0:
       period = float(value)
   if period is None:
     metadata = getattr(inner, 'metadata', None) or {}
