@@ -309,17 +309,25 @@ def evaluate(s: config_lib.EvalConfig,
   try:
     return _evaluate_at_intervals(s, evaluation,
                                   _after_each(s, evaluation, eval_dir),
-                                  should_stop)
+                                  should_stop, read_metrics(eval_dir))
   finally:
     evaluation.env.close()
 
 
 def _evaluate_at_intervals(s: config_lib.EvalConfig, evaluation: _Evaluation,
-                           after_each, should_stop) -> List[dict]:
+                           after_each, should_stop,
+                           recorded: Sequence[dict] = ()) -> List[dict]:
   """The loop: wait for the next train step due, evaluate its weights, then
-  the triggers; ends after the final train_step."""
+  the triggers; ends after the final train_step. A resumed run (`recorded`:
+  the rows already in metrics.jsonl) goes on after its last evaluation
+  rather than evaluating the restored weights a second time."""
   rows = []
   schedule = triggers.EvalSchedule(s.eval_interval, s.max_train_steps)
+  if recorded and recorded[-1]['train_step'] < s.max_train_steps:
+    schedule.evaluated(recorded[-1]['train_step'])
+    logging.info('evaluator: %d evaluations recorded, the last at train_step '
+                 '%d; next at %d', len(recorded), recorded[-1]['train_step'],
+                 schedule.next_step)
   rollback = triggers.RollbackCheck('evaluator')
   while not should_stop():
     step = evaluation.weights.latest_train_step()

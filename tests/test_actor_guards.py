@@ -428,3 +428,50 @@ def test_evaluator_status_goes_to_every_server_that_answers():
   finally:
     for server in with_status + [without]:
       server.stop()
+
+
+class _Weights:
+  """The learner's train steps as the evaluator would see them, in turn."""
+
+  def __init__(self, steps):
+    self._steps = list(steps)
+
+  def latest_train_step(self):
+    return self._steps[0]
+
+  def pull_into(self, variables):
+    del variables
+    step = self._steps[0]
+    if len(self._steps) > 1:
+      self._steps.pop(0)
+    return step
+
+
+class _Evaluation:
+  def __init__(self, steps):
+    self.weights = _Weights(steps)
+    self.variables = None
+    self.evaluated = []
+
+  def run(self, step):
+    self.evaluated.append(step)
+    return {'train_step': step}
+
+
+@pytest.mark.parametrize('recorded,expected', [
+    ([], [10, 15, 20]),
+    # Resumed from a checkpoint at 10, whose evaluation is recorded: the
+    # restored weights are not evaluated (and recorded) a second time.
+    ([{'train_step': 5}, {'train_step': 10}], [15, 20]),
+])
+def test_a_resumed_evaluator_goes_on_after_its_last_evaluation(recorded,
+                                                               expected):
+  settings = config_lib.EvalConfig(env_name='Pendulum-v1', root_dir='',
+                                   eval_interval=5, max_train_steps=20,
+                                   poll_interval_s=0)
+  from actor import evaluate  # pylint: disable=g-import-not-at-top
+  evaluation = _Evaluation([10, 15, 20])
+  rows = evaluate._evaluate_at_intervals(  # pylint: disable=protected-access
+      settings, evaluation, [], lambda: False, recorded)
+  assert evaluation.evaluated == expected
+  assert [r['train_step'] for r in rows] == expected
