@@ -46,7 +46,11 @@ def curve_rows(metrics_rows, started):
   or the run's parts (`run_seconds`)."""
   parts = started if isinstance(started, list) else [[started, None]]
   out = []
+  seen = set()
   for r in metrics_rows:
+    if r['train_step'] in seen:
+      continue  # An evaluator resumed before it skipped its last step.
+    seen.add(r['train_step'])
     out.append({
         'train_step': r['train_step'],
         'env_steps': r.get('env_steps'),
