@@ -436,15 +436,15 @@ class _Weights:
   def __init__(self, steps):
     self._steps = list(steps)
 
-  def latest_train_step(self):
-    return self._steps[0]
+  def latest_train_step(self):  # The learner moves on between polls.
+    self._latest = self._steps[0]
+    if len(self._steps) > 1:
+      self._steps.pop(0)
+    return self._latest
 
   def pull_into(self, variables):
     del variables
-    step = self._steps[0]
-    if len(self._steps) > 1:
-      self._steps.pop(0)
-    return step
+    return self._latest
 
 
 class _Evaluation:
