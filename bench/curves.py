@@ -41,10 +41,9 @@ def run_seconds(t, parts):
   return total
 
 
-def curve_rows(metrics_rows, started):
-  """Evaluator rows of this run -> curve rows; `started` is the launch time
-  or the run's parts (`run_seconds`)."""
-  parts = started if isinstance(started, list) else [[started, None]]
+def curve_rows(metrics_rows, parts):
+  """Evaluator rows of this run -> curve rows; `parts` as `run_seconds`
+  takes them."""
   out = []
   seen = set()
   for r in metrics_rows:
@@ -152,15 +151,16 @@ def aggregate(runs, reps=5000):
     return lambda x: np.array([metric(x[..., i]) for i in range(x.shape[-1])])
 
   import warnings  # pylint: disable=g-import-not-at-top
-  # rliable hands arch a RandomState, which arch calls deprecated.
-  warnings.filterwarnings('ignore', 'random_state is deprecated',
-                          FutureWarning)
   estimates = {}
   for name, metric in (('mean', metrics.aggregate_mean),
                        ('iqm', metrics.aggregate_iqm)):
-    point, interval = rly.get_interval_estimates(
-        scores, per_step(metric), reps=reps,
-        random_state=np.random.RandomState(0))
+    with warnings.catch_warnings():
+      # rliable hands arch a RandomState, which arch calls deprecated.
+      warnings.filterwarnings('ignore', 'random_state is deprecated',
+                              FutureWarning)
+      point, interval = rly.get_interval_estimates(
+          scores, per_step(metric), reps=reps,
+          random_state=np.random.RandomState(0))
     estimates[name] = (point['x'], interval['x'])
   rows = []
   for i, step in enumerate(steps):

@@ -217,8 +217,8 @@ def main(argv):
     run_dir = os.path.join(out, name, 'seed_0')
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, CURVE), 'w') as f:
-      for r in curves.curve_rows(rows,
-                                 rows[0]['time'] - rows[0]['eval_seconds']):
+      started = rows[0]['time'] - rows[0]['eval_seconds']
+      for r in curves.curve_rows(rows, [[started, None]]):
         f.write(json.dumps(r) + '\n')
   series = curves.load_series(out)
   if series:
