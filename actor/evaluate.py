@@ -271,7 +271,7 @@ class _Evaluation:
                 self._s.env_options.action_repeat, started)
 
 
-def _video_fps(s: config_lib.EvalConfig, env) -> float:
+def video_fps(s: config_lib.EvalConfig, env) -> float:
   """Frames per second of the evaluator's videos: the control rate, so that
   a video plays at the speed the policy acted (Minitaur at action repeat 4:
   0.01 s x 4, 25 fps)."""
@@ -297,7 +297,7 @@ def _after_each(s: config_lib.EvalConfig, evaluation: _Evaluation,
       triggers.Video(evaluation.env, evaluation.policy, eval_dir,
                      s.video_episodes, s.video_interval, s.max_train_steps,
                      s.env_name, after=evaluation.reset,
-                     fps=_video_fps(s, evaluation.env)),
+                     fps=video_fps(s, evaluation.env)),
   ]
 
 
@@ -307,16 +307,16 @@ def evaluate(s: config_lib.EvalConfig,
   eval_dir = outputs.ensure_writable_dir(os.path.join(s.root_dir, EVAL_DIR))
   evaluation = _Evaluation(s, eval_dir, should_stop)
   try:
-    return _evaluate_at_intervals(s, evaluation,
-                                  _after_each(s, evaluation, eval_dir),
-                                  should_stop, read_metrics(eval_dir))
+    return evaluate_at_intervals(s, evaluation,
+                                 _after_each(s, evaluation, eval_dir),
+                                 should_stop, read_metrics(eval_dir))
   finally:
     evaluation.env.close()
 
 
-def _evaluate_at_intervals(s: config_lib.EvalConfig, evaluation: _Evaluation,
-                           after_each, should_stop,
-                           recorded: Sequence[dict] = ()) -> List[dict]:
+def evaluate_at_intervals(s: config_lib.EvalConfig, evaluation: _Evaluation,
+                          after_each, should_stop,
+                          recorded: Sequence[dict] = ()) -> List[dict]:
   """The loop: wait for the next train step due, evaluate its weights, then
   the triggers; ends after the final train_step. A resumed run (`recorded`:
   the rows already in metrics.jsonl) goes on after its last evaluation

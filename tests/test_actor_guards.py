@@ -471,7 +471,7 @@ def test_a_resumed_evaluator_goes_on_after_its_last_evaluation(recorded,
                                    poll_interval_s=0)
   from actor import evaluate  # pylint: disable=g-import-not-at-top
   evaluation = _Evaluation([10, 15, 20])
-  rows = evaluate._evaluate_at_intervals(  # pylint: disable=protected-access
+  rows = evaluate.evaluate_at_intervals(
       settings, evaluation, [], lambda: False, recorded)
   assert evaluation.evaluated == expected
   assert [r['train_step'] for r in rows] == expected

@@ -205,7 +205,7 @@ def test_minitaur_video_plays_at_the_control_rate(tmp_path):
                                         options=options)
     settings = config_lib.EvalConfig(env_name='MinitaurBulletEnv-v0',
                                      root_dir='', env_options=options)
-    fps = evaluate._video_fps(settings, env)  # pylint: disable=protected-access
+    fps = evaluate.video_fps(settings, env)
     policy = random_py_policy.RandomPyPolicy(env.time_step_spec(),
                                              env.action_spec())
     path = str(tmp_path / 'episode.mp4')
