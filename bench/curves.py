@@ -151,17 +151,24 @@ def aggregate(runs, reps=5000):
     return lambda x: np.array([metric(x[..., i]) for i in range(x.shape[-1])])
 
   import warnings  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   estimates = {}
-  for name, metric in (('mean', metrics.aggregate_mean),
-                       ('iqm', metrics.aggregate_iqm)):
-    with warnings.catch_warnings():
-      # rliable hands arch a RandomState, which arch calls deprecated.
-      warnings.filterwarnings('ignore', 'random_state is deprecated',
-                              FutureWarning)
-      point, interval = rly.get_interval_estimates(
-          scores, per_step(metric), reps=reps,
-          random_state=np.random.RandomState(0))
-    estimates[name] = (point['x'], interval['x'])
+  verbosity = logging.get_verbosity()
+  # rliable logs 'Calculating estimates for x ...' at INFO on each call.
+  logging.set_verbosity(logging.WARNING)
+  try:
+    for name, metric in (('mean', metrics.aggregate_mean),
+                         ('iqm', metrics.aggregate_iqm)):
+      with warnings.catch_warnings():
+        # rliable hands arch a RandomState, which arch calls deprecated.
+        warnings.filterwarnings('ignore', 'random_state is deprecated',
+                                FutureWarning)
+        point, interval = rly.get_interval_estimates(
+            scores, per_step(metric), reps=reps,
+            random_state=np.random.RandomState(0))
+      estimates[name] = (point['x'], interval['x'])
+  finally:
+    logging.set_verbosity(verbosity)
   rows = []
   for i, step in enumerate(steps):
     row = {'train_step': int(step), 'runs': len(runs),
