@@ -60,6 +60,16 @@ def packed_step(trajectory) -> np.ndarray:
   return np.concatenate([_words(x) for x in tree.flatten(trajectory)])
 
 
+# Steps per chunk of each stock column. A sampled item costs the server and
+# the learner per chunk it spans (Reverb sizes the response once per chunk
+# added), so long chunks, which a 2-step item rarely straddles, are cheaper to
+# sample than Reverb's auto-tuned ones: 1.15x the learner's and 1.45x the
+# server's CPU per batch (`python -m bench.pipeline`, BENCHMARKS.md). An item
+# reaches the table once its chunks are complete: at most this many steps
+# after it was written (or at the episode's end).
+STOCK_CHUNK_LENGTH = 16
+
+
 class StoppableTrajectoryObserver:
   """Writes `sequence_length`-step items (stride 1) to the replay table.
 
@@ -69,8 +79,9 @@ class StoppableTrajectoryObserver:
   `update_priority` sets the priority of the items written from then on.
 
   `layout`: 'stock' or 'packed'; None, the one the table's signature says.
-  `chunk_length`: steps per chunk, for every column; None: Reverb's auto-tuned
-  length (stock, as TF-Agents' observer), 1 (packed: one item a chunk).
+  `chunk_length`: steps per chunk, for every column; None: the layout's
+  (`STOCK_CHUNK_LENGTH`; packed: 1, one item a chunk); 0: Reverb's auto-tuned
+  length (what TF-Agents' observer gets).
   """
 
   def __init__(self, py_client: reverb.Client,
@@ -91,8 +102,10 @@ class StoppableTrajectoryObserver:
     # One more reference kept alive than an item spans, as TF-Agents' has;
     # a packed item is one reference.
     keep_alive = 2 if self._packed else sequence_length + 1
-    if chunk_length is None and self._packed:
-      chunk_length = 1  # A chunk holding other items is sent with each.
+    if chunk_length is None:
+      # Packed: a chunk holding other items is sent with each.
+      chunk_length = 1 if self._packed else STOCK_CHUNK_LENGTH
+    chunk_length = chunk_length or None  # 0: Reverb's auto-tuned length.
     self._chunk_options = None if chunk_length is None else dict(
         num_keep_alive_refs=max(keep_alive, chunk_length),
         max_chunk_length=chunk_length)

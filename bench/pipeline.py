@@ -37,22 +37,32 @@ flags.DEFINE_string('sample_cases', '', 'Client mode: JSON [[address, '
                     'server pid], [case, ...]]; one JSON line per case.')
 flags.DEFINE_integer('pipeline_rounds', 2, 'Rounds over the cases.')
 flags.DEFINE_integer('pipeline_batches', 300, 'Batches measured per case.')
+flags.DEFINE_list('pipeline_tables', [], 'Only the cases on these tables '
+                  '(default: every case).')
 flags.DEFINE_boolean('skip_learner', False, 'Skip the learner efficiency.')
 flags.DEFINE_boolean('skip_sampling', False, 'Skip the sampling cases.')
 
 BATCH = 256
 ITEMS = 20000
 
-# Table name: (layout, chunk length; None = the writer's default: Reverb's
-# auto-tuned length for stock, 1 for packed).
+# Table name: (layout, chunk length; None = the writer's default,
+# `actor.writer.STOCK_CHUNK_LENGTH` for stock, 1 for packed; 0 = Reverb's
+# auto-tuned length, as TF-Agents' observer writes).
 TABLES = {
-    'stock_auto': ('stock', None),
+    'stock_auto': ('stock', 0),
+    'stock': ('stock', None),
     'stock_chunk_1': ('stock', 1),
     'stock_chunk_2': ('stock', 2),
     'stock_chunk_3': ('stock', 3),
+    'stock_chunk_4': ('stock', 4),
+    'stock_chunk_8': ('stock', 8),
+    'stock_chunk_16': ('stock', 16),
     'packed': ('packed', None),
     'packed_chunk_2': ('packed', 2),
     'packed_chunk_4': ('packed', 4),
+    'shared_chunk_2': ('shared', 2),
+    'shared_chunk_4': ('shared', 4),
+    'shared_chunk_8': ('shared', 8),
 }
 # Not a layout the system writes: GROUP packed 2-step items per Reverb item
 # (sampling groups of consecutive transitions, not transitions), to show what
@@ -80,7 +90,8 @@ def _serve(env_name, port_file):
   from actor import writer  # pylint: disable=g-import-not-at-top
   from common import agents  # pylint: disable=g-import-not-at-top
   agent = fixtures.build_sac(env_name).agent
-  signatures = {name: agents.replay_signature(agent, layout)
+  signatures = {name: agents.replay_signature(
+      agent, 'stock' if layout == 'shared' else layout)
                 for name, (layout, _) in TABLES.items()}
   width = agents.packed_width(agent.collect_data_spec)
   signatures[GROUPED] = tf.TensorSpec([GROUP, 2, width], tf.float32)
@@ -100,6 +111,14 @@ def _serve(env_name, port_file):
   steps = [tf.nest.map_structure(one, agent.collect_data_spec)
            for _ in range(64)]
   for name, (layout, chunk_length) in TABLES.items():
+    if layout == 'shared':
+      with client.writer(max_sequence_length=chunk_length,
+                         chunk_length=chunk_length) as w:
+        for i in range(ITEMS + 1):
+          w.append(steps[i % len(steps)])
+          if i:
+            w.create_item(name, 2, 1.0)
+      continue
     observer = writer.StoppableTrajectoryObserver(
         client, lambda: False, layout=layout, chunk_length=chunk_length,
         table=name)
@@ -219,11 +238,13 @@ def _summary(runs):
 def _measure_sampling(env_name, address, server_pid, cpus, rounds, batches,
                       log):
   """Every case of CASES, `rounds` times over, in one client process."""
+  cases = CASES if not flags.FLAGS.pipeline_tables else [
+      {'table': t} for t in flags.FLAGS.pipeline_tables]
   out = subprocess.run(
       ['taskset', '-c', str(cpus[0]), sys.executable, '-m',
        'bench.pipeline', f'--bench_env={env_name}',
        f'--pipeline_batches={batches}', '--sample_cases=' + json.dumps(
-           [[address, server_pid], CASES * rounds])],
+           [[address, server_pid], cases * rounds])],
       cwd=fixtures.REPO_ROOT, capture_output=True, text=True, check=False,
       env=dict(os.environ, LD_PRELOAD=process.jemalloc_path() or ''))
   if out.returncode:
@@ -236,10 +257,11 @@ def _measure_sampling(env_name, address, server_pid, cpus, rounds, batches,
 
 
 def _measure_learner(env_name, address, server_pid, cpus, rounds, log):
-  """The learner's input efficiency on the stock and the packed table,
-  every round (under load, the wall-clock ratio varies most)."""
+  """The learner's input efficiency on the stock table (the writer's
+  default chunks) and the packed one, every round (under load, the
+  wall-clock ratio varies most)."""
   from bench import learner_input  # pylint: disable=g-import-not-at-top
-  efficiency = {'stock_auto': [], 'packed': []}
+  efficiency = {'stock': [], 'packed': []}
   for _ in range(rounds):  # Alternating: drift hits both.
     for table, runs in efficiency.items():
       f = learner_input.measure_pinned(

@@ -9,7 +9,10 @@ private:
 - the actors' trajectory writer (`actor/writer.py`) appends steps and creates
   items through Reverb's C++ writer, skipping the per-step Python and
   `tf.nest` work of `reverb.TrajectoryWriter` (more than the C++ append, item
-  and flush together).
+  and flush together);
+- PyBullet environments (`common/environments.py`) get their client's
+  functions bound once (`bind_bullet_client`), instead of one
+  `BulletClient.__getattr__` per call (Minitaur makes ~800 an agent step).
 
 The tests also read the agents' networks, optimizers, entropy coefficient and
 collect epsilon through the small accessors below.
@@ -336,3 +339,54 @@ class DirectTrajectoryWriter:
     one step is the whole item).
     """
     self._cpp_writer.CreateItem(table, priority, columns, self._squeeze)
+
+
+class BoundBulletClient:
+  """A `pybullet_utils.bullet_client.BulletClient` whose functions are looked
+  up once.
+
+  `BulletClient.__getattr__` runs on every call (`inspect.isbuiltin` and a
+  new `functools.partial` binding `physicsClientId`): about 10 % of a
+  Minitaur step. Here the first lookup of a public name is kept as an
+  attribute, so later ones skip `__getattr__`; the calls and their results
+  are the same (`tests/test_environments.py` compares episodes bit for bit).
+  `disconnect` and private names (the client id, which `disconnect` changes)
+  are looked up every time.
+  """
+
+  def __init__(self, client):
+    self.bullet_client = client
+
+  def __getattr__(self, name):
+    value = getattr(self.bullet_client, name)
+    if not name.startswith('_') and name != 'disconnect':
+      setattr(self, name, value)
+    return value
+
+
+def bind_bullet_client(gym_env) -> bool:
+  """Gives `gym_env` (unwrapped) and its robot a `BoundBulletClient`; True
+  if it has a PyBullet client to bind.
+
+  pybullet_envs 3.2.7: `MinitaurBulletEnv` and its relatives keep their
+  `BulletClient` in `_pybullet_client`, and hand it to the `Minitaur` they
+  build on every hard reset (`minitaur._pybullet_client`, set in
+  `Minitaur.__init__`). If either attribute is renamed, nothing is bound
+  and the environment runs as it comes (this returns False).
+  """
+  from pybullet_utils import bullet_client  # pylint: disable=g-import-not-at-top
+  client = getattr(gym_env, '_pybullet_client', None)
+  if not isinstance(client, bullet_client.BulletClient):
+    return False
+  bound = BoundBulletClient(client)
+  gym_env._pybullet_client = bound
+  robot = getattr(gym_env, 'minitaur', None)
+  if getattr(robot, '_pybullet_client', None) is client:
+    robot._pybullet_client = bound
+  return True
+
+
+def bullet_client_is_bound(gym_env) -> bool:
+  """Whether `gym_env` (unwrapped) steps through a `BoundBulletClient`."""
+  return isinstance(getattr(gym_env, '_pybullet_client', None),
+                    BoundBulletClient)

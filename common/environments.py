@@ -218,6 +218,8 @@ def _load(name: str, max_episode_steps: int):
       with open(os.devnull, 'w') as devnull, _redirect_stdout(devnull):
         env = suite_pybullet.load(name, max_episode_steps=max_episode_steps or
                                   None)
+      from common import compat  # pylint: disable=g-import-not-at-top
+      compat.bind_bullet_client(env.gym.unwrapped)
     else:
       from tf_agents.environments import suite_gym  # pylint: disable=g-import-not-at-top
       env = suite_gym.load(name, max_episode_steps=max_episode_steps or None)

@@ -243,3 +243,46 @@ def test_no_process_prints_gyms_unmaintained_notice():
             os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-2000:]
     assert marker not in run.stderr + run.stdout, module
+
+
+def _minitaur_episode_steps(bind: bool, steps: int, seed: int):
+  """(observation, reward, step type) of `steps` steps of Minitaur, random
+  actions, a (hard) reset every 100; its randomizer draws from `random` and
+  `np.random`."""
+  import random  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from common import compat  # pylint: disable=g-import-not-at-top
+  from tf_agents.environments import suite_pybullet  # pylint: disable=g-import-not-at-top
+  environments.load_environment('MinitaurBulletEnv-v0')  # Registers the ids.
+  env = suite_pybullet.load('MinitaurBulletEnv-v0')
+  assert compat.bind_bullet_client(env.gym.unwrapped) if bind else True
+  random.seed(seed)
+  np.random.seed(seed)
+  actions = np.random.default_rng(seed)
+  spec = env.action_spec()
+  out = [env.reset()]
+  for i in range(1, steps + 1):
+    if i % 100 == 0:
+      out.append(env.reset())
+      continue
+    out.append(env.step(actions.uniform(
+        spec.minimum, spec.maximum, spec.shape).astype(spec.dtype)))
+  env.close()
+  return [(t.observation, float(t.reward), int(t.step_type)) for t in out]
+
+
+def test_bound_bullet_client_steps_minitaur_bit_for_bit():
+  # The environments the system builds have their PyBullet client bound
+  # (`compat.bind_bullet_client`, fewer Python calls per step); the physics,
+  # observations and rewards must be exactly those of the stock client,
+  # across falls and hard resets.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  stock = _minitaur_episode_steps(bind=False, steps=300, seed=3)
+  bound = _minitaur_episode_steps(bind=True, steps=300, seed=3)
+  assert sum(step_type == 0 for _, _, step_type in stock) >= 3  # Resets.
+  for (obs_a, r_a, t_a), (obs_b, r_b, t_b) in zip(stock, bound):
+    assert (t_a, r_a) == (t_b, r_b)
+    np.testing.assert_array_equal(obs_a, obs_b)
+  loaded = environments.load_environment('MinitaurBulletEnv-v0')
+  from common import compat  # pylint: disable=g-import-not-at-top
+  assert compat.bullet_client_is_bound(loaded.gym.unwrapped)
