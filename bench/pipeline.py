@@ -2,8 +2,9 @@
 
 One Reverb server, pinned to the last core, holds a table per way actors can
 write items (`actor.writer.StoppableTrajectoryObserver`: the stock layout
-with Reverb's auto-tuned chunks or a fixed chunk length, the packed layout
-with one item or several a chunk), each filled with the same synthetic 2-step
+with the writer's default chunks of `STOCK_CHUNK_LENGTH` steps, Reverb's
+auto-tuned ones or another fixed length, the packed layout with one item or
+several a chunk), each filled with the same synthetic 2-step
 Minitaur transitions. One client process, pinned to the first core, samples
 each table through the learner's pipeline (`learner.dataset`, batch 256, no
 training) with each knob, in alternating rounds; CPU seconds per batch are
@@ -14,6 +15,7 @@ steps/s from memory, learner on the first core) for the stock and the packed
 table.
 
   python -m bench.pipeline [--pipeline_rounds=2] [--skip_learner]
+      [--pipeline_tables=stock_auto,stock]   # only these tables, no knobs
 """
 
 from common import process  # Must precede TensorFlow imports.
@@ -60,6 +62,11 @@ TABLES = {
     'packed': ('packed', None),
     'packed_chunk_2': ('packed', 2),
     'packed_chunk_4': ('packed', 4),
+    # Not a layout the system writes: the stock signature written by
+    # Reverb's legacy `Client.writer`, every column of a step in one chunk
+    # (which has no interruptible flush: the actors could not wait on the
+    # rate limiter in slices), to show what one chunk per item instead of
+    # one per column would save.
     'shared_chunk_2': ('shared', 2),
     'shared_chunk_4': ('shared', 4),
     'shared_chunk_8': ('shared', 8),

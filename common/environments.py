@@ -73,14 +73,19 @@ def _load_factory(name: str):
 
 
 def load_environment(name: str, seed: Optional[int] = None,
-                     options: EnvOptions = EnvOptions()):
+                     options: EnvOptions = EnvOptions(),
+                     bind_bullet_client: bool = True):
   """Returns the py environment called `name`, wrapped and validated.
+
+  A PyBullet environment's client has its functions bound once
+  (`compat.bind_bullet_client`: the same physics with less Python per step);
+  `bind_bullet_client=False` keeps PyBullet's stock client (benchmarks).
 
   Raises:
     UserError: unknown name, a factory that fails, a wrapper that does not
       apply, or an environment whose time steps disagree with its specs.
   """
-  env = _load(name, options.max_episode_steps)
+  env = _load(name, options.max_episode_steps, bind_bullet_client)
   if options.action_repeat > 1:
     from tf_agents.environments import wrappers  # pylint: disable=g-import-not-at-top
     env = wrappers.ActionRepeat(env, options.action_repeat)
@@ -192,7 +197,7 @@ def validate(env, name: str, episodes: int, max_steps: int = 100000) -> None:
                     f'episode(s): {reason}') from None
 
 
-def _load(name: str, max_episode_steps: int):
+def _load(name: str, max_episode_steps: int, bind_bullet_client: bool):
   """The bare environment for `name`, with TimeLimit `max_episode_steps`."""
   if not name:
     raise UserError('--env is empty: give a gym/PyBullet id such as '
@@ -218,8 +223,9 @@ def _load(name: str, max_episode_steps: int):
       with open(os.devnull, 'w') as devnull, _redirect_stdout(devnull):
         env = suite_pybullet.load(name, max_episode_steps=max_episode_steps or
                                   None)
-      from common import compat  # pylint: disable=g-import-not-at-top
-      compat.bind_bullet_client(env.gym.unwrapped)
+      if bind_bullet_client:
+        from common import compat  # pylint: disable=g-import-not-at-top
+        compat.bind_bullet_client(env.gym.unwrapped)
     else:
       from tf_agents.environments import suite_gym  # pylint: disable=g-import-not-at-top
       env = suite_gym.load(name, max_episode_steps=max_episode_steps or None)
