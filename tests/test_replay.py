@@ -261,24 +261,35 @@ def test_a_third_agent_is_one_module(tmp_path):
   server = server_lib.start_server(built, free_port())
   address = f'localhost:{server.port}'
   stop = threading.Event()
+  actor_error = []
+
+  def collect():
+    try:
+      collect_lib.collect(config_lib.CollectConfig(
+          env_name='CartPole-v0', root_dir=str(tmp_path / 'actor'),
+          replay_address=address, variable_address=address,
+          max_train_steps=60, initial_collect_steps=50,
+          pull_interval_steps=10, agent=config, server_timeout_s=120),
+                          stop.is_set)
+    except BaseException as e:  # pylint: disable=broad-except
+      actor_error.append(e)
+      raise
+
   try:
-    actor = threading.Thread(target=collect_lib.collect, args=(
-        config_lib.CollectConfig(
-            env_name='CartPole-v0', root_dir=str(tmp_path / 'actor'),
-            replay_address=address, variable_address=address,
-            max_train_steps=60, initial_collect_steps=50,
-            pull_interval_steps=10, agent=config, server_timeout_s=30),
-        stop.is_set), daemon=True)
+    actor = threading.Thread(target=collect, daemon=True)
     actor.start()
+    # The table reaches its minimum size only with the actor's steps after
+    # its random share: a learner whose actor died stops (and the test
+    # fails saying why) rather than waiting for items forever.
     result = train_lib.train(
         config_lib.LearnerConfig(
             env_name='CartPole-v0', root_dir=str(tmp_path / 'learner'),
             replay_address=address, variable_address=address,
             train_steps=60, agent=config, push_interval_steps=10,
-            policy_save_interval=100000, server_timeout_s=30,
+            policy_save_interval=100000, server_timeout_s=120,
             prioritized=True),
-        tf.distribute.get_strategy())
-    assert result.train_step == 60 and np.isfinite(result.loss)
+        tf.distribute.get_strategy(), should_stop=lambda: not actor.is_alive())
+    assert result.train_step == 60 and np.isfinite(result.loss), actor_error
     actor.join(60)
     assert not actor.is_alive()
     sampled = client_priorities(address)
