@@ -112,6 +112,11 @@ def _collect(s: config_lib.CollectConfig, should_stop, who, task, info,
     collection.collect_with_weights()
   except CollectionStopped:
     pass
+  finally:
+    # Items of unfinished chunks go out now (or are dropped, if the table
+    # no longer takes any), and no writer is left to its destructor.
+    for observer in collection.observers:
+      observer.close()
   collection.log_end('stop requested' if should_stop() else
                      'training finished')
   return collection.collector.env_steps

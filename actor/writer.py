@@ -200,9 +200,26 @@ class StoppableTrajectoryObserver:
     self._writer.flush()
 
   def close(self) -> None:
-    """Ends the episode and closes the writer; the observer is done."""
-    if self._writer is not None:
+    """Sends the items still in unfinished chunks (while `should_stop()` is
+    False, or in the first wait slice), then closes the writer; the observer
+    is done.
+
+    Always closes: a Reverb writer left to its destructor flushes with no
+    timeout, which at interpreter exit has aborted the process ("terminate
+    called without an active exception") or would wait forever on a rate
+    limiter that no learner drains any more.
+    """
+    if self._writer is None:
+      return
+    try:
       self._end_episode()
+    except CollectionStopped:
+      logging.info('%s: stopped with items the replay table did not take; '
+                   'they are dropped', self._who)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('%s: the last items could not be sent (%s); they are '
+                      'dropped', self._who, str(e).splitlines()[0][:200])
+    finally:
       self._writer.close()
       self._writer = None
 

@@ -73,7 +73,8 @@ def test_learner_killed_resumes_from_its_checkpoint(cluster, tmp_path):
   assert re.search(rf'finished at train_step 2000 \(started at {resumed}\)',
                    cluster.log('learner_again'))
   for task in range(2):
-    assert cluster.wait(f'actor_{task}', 60) == 0
+    assert cluster.wait(f'actor_{task}', 60) == 0, cluster.tail(
+        f'actor_{task}')
 
 
 def test_actor_killed_learner_goes_on_and_restarted_actor_rejoins(
@@ -192,8 +193,10 @@ def test_server_restarted_without_checkpoint_hands_out_no_index_twice(
     cluster, tmp_path):
   port = free_port()
   flags = _flags(f'localhost:{port}', 100000)
-  # The grace leaves live actors time to reconnect on a loaded machine.
-  server_flags = flags + [f'--port={port}', '--actor_lease_grace_s=12']
+  # The grace leaves live actors time to reconnect on a loaded machine
+  # (12 s was too short once with 3 test workers on 2 cores: gRPC's
+  # reconnect backoff held one live actor back 13 s).
+  server_flags = flags + [f'--port={port}', '--actor_lease_grace_s=30']
   cluster.start('replay_server', 'replay_server', server_flags)
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
   for name in ('actor_a', 'actor_b'):

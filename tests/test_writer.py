@@ -172,3 +172,44 @@ def test_packed_items_reach_the_learner_as_the_stock_ones():
       dataset_lib.experience_dataset(address, 'packed', other, 4, 2)
   finally:
     server.stop()
+
+
+def test_close_sends_the_items_of_unfinished_chunks_and_never_hangs():
+  """Stock items wait in chunks of STOCK_CHUNK_LENGTH steps; close() sends
+  what an episode cut short left there, and with should_stop() set and a
+  rate limiter that takes nothing more, drops it and returns."""
+  import actor.writer as writer_lib  # pylint: disable=g-import-not-at-top
+  steps = writer_lib.STOCK_CHUNK_LENGTH // 2  # Mid-episode, mid-chunk.
+  signature = tf.nest.map_structure(
+      lambda s: tf.TensorSpec((2,) + tuple(s.shape), s.dtype), _MIXED_SPEC)
+  server = reverb.Server([
+      reverb.Table.queue('open', 1000, signature=signature),
+      # Takes 2 items, then holds every insert until something samples.
+      reverb.Table('held', reverb.selectors.Fifo(), reverb.selectors.Fifo(),
+                   max_size=1000, signature=signature,
+                   rate_limiter=reverb.rate_limiters.SampleToInsertRatio(
+                       samples_per_insert=1.0, min_size_to_sample=1,
+                       error_buffer=1.0))], port=free_port())
+  client = reverb.Client(f'localhost:{server.port}')
+  try:
+    rng = np.random.default_rng(0)
+    episode = _mixed_episode(0, 4 * steps, rng)[:steps]  # No LAST.
+    open_writer = StoppableTrajectoryObserver(client, lambda: False, 2,
+                                              table='open')
+    for step in episode:
+      open_writer(step)
+    assert client.server_info()['open'].current_size == 0  # Still chunked.
+    open_writer.close()
+    assert client.server_info()['open'].current_size == steps - 1
+    stop = threading.Event()
+    held_writer = StoppableTrajectoryObserver(client, stop.is_set, 2,
+                                              table='held')
+    for step in episode:
+      held_writer(step)
+    stop.set()
+    started = time.monotonic()
+    held_writer.close()
+    assert time.monotonic() - started < 10
+    assert client.server_info()['held'].current_size < steps - 1
+  finally:
+    server.stop()
