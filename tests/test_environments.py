@@ -246,16 +246,15 @@ def test_no_process_prints_gyms_unmaintained_notice():
 
 
 def _minitaur_episode_steps(bind: bool, steps: int, seed: int):
-  """(observation, reward, step type) of `steps` steps of Minitaur, random
-  actions, a (hard) reset every 100; its randomizer draws from `random` and
-  `np.random`."""
+  """(observation, reward, step type) of `steps` steps of Minitaur as the
+  system loads it, random actions, a (hard) reset every 100; its randomizer
+  draws from `random` and `np.random`."""
   import random  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from common import compat  # pylint: disable=g-import-not-at-top
-  from tf_agents.environments import suite_pybullet  # pylint: disable=g-import-not-at-top
-  environments.load_environment('MinitaurBulletEnv-v0')  # Registers the ids.
-  env = suite_pybullet.load('MinitaurBulletEnv-v0')
-  assert compat.bind_bullet_client(env.gym.unwrapped) if bind else True
+  env = environments.load_environment('MinitaurBulletEnv-v0',
+                                      bind_bullet_client=bind)
+  assert compat.bullet_client_is_bound(env.gym.unwrapped) == bind
   random.seed(seed)
   np.random.seed(seed)
   actions = np.random.default_rng(seed)
@@ -283,6 +282,3 @@ def test_bound_bullet_client_steps_minitaur_bit_for_bit():
   for (obs_a, r_a, t_a), (obs_b, r_b, t_b) in zip(stock, bound):
     assert (t_a, r_a) == (t_b, r_b)
     np.testing.assert_array_equal(obs_a, obs_b)
-  loaded = environments.load_environment('MinitaurBulletEnv-v0')
-  from common import compat  # pylint: disable=g-import-not-at-top
-  assert compat.bullet_client_is_bound(loaded.gym.unwrapped)
