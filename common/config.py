@@ -488,8 +488,9 @@ class _ActingConfig(RunConfig):
       'this ends the actor with one line and exit code 2 (a hung '
       'environment).', lower=0.1)
   stop_timeout_s: float = setting(
-      30.0, 'actor: seconds after SIGTERM/SIGINT by which the actor has '
-      'exited; past them it exits at once (code 1) with one line.',
+      30.0, 'actor: an actor stuck this long after SIGTERM/SIGINT (its '
+      'main thread in one call, using no CPU) exits at once (code 1) with '
+      'one line; one still running Python gets 4 times this in all.',
       lower=0.1)
 
 

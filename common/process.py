@@ -76,6 +76,22 @@ def allocator() -> str:
   return 'system'
 
 
+def _whereabouts(thread_id: int) -> tuple:
+  """Where a thread is and how much CPU it has used (in steps of 5 ms):
+  equal twice only if it neither ran Python nor used the CPU in between."""
+  # sys._current_frames is documented (the sys module's docs).
+  frame = sys._current_frames().get(thread_id)  # pylint: disable=protected-access
+  here = []
+  while frame is not None and len(here) < 8:
+    here.append((frame.f_code, frame.f_lasti))
+    frame = frame.f_back
+  try:
+    cpu = time.clock_gettime(time.pthread_getcpuclockid(thread_id))
+  except (AttributeError, OSError):
+    cpu = 0.0
+  return tuple(here), int(cpu / 0.005)
+
+
 class StopRequest:
   """Set by SIGTERM/SIGINT; loops poll it and finish their current step.
 
@@ -85,10 +101,16 @@ class StopRequest:
   which asks this request whether to go on).
   """
 
+  POLL_S = 0.5
+  BUSY_FACTOR = 4
+
   def __init__(self, deadline_s: float = 0.0):
-    """With `deadline_s`, a process still running that long after the first
-    signal exits(1) (stuck inside a call that cannot be interrupted, e.g.
-    sampling from a server that is gone)."""
+    """With `deadline_s`, a process whose main thread stays in one place
+    that long after the first signal exits(1): it is stuck inside a call
+    that cannot be interrupted (e.g. sampling from a server that is gone).
+    A main thread that runs Python all the while (tracing a tf.function on a
+    loaded machine, writing the final checkpoint) is not stuck: it gets
+    `BUSY_FACTOR` times `deadline_s` in all."""
     self._event = threading.Event()
     self.signal_name = None
     self._deadline_s = deadline_s
@@ -123,16 +145,32 @@ class StopRequest:
                  self.signal_name)
     self._event.set()
     if self._deadline_s:
-      def give_up():
-        logging.warning('still running %gs after %s (waiting inside a call '
-                        'that cannot be interrupted, e.g. for a replay server '
-                        'that is gone); exiting now', self._deadline_s,
-                        self.signal_name)
-        logging.flush()
-        os._exit(1)  # pylint: disable=protected-access
-      timer = threading.Timer(self._deadline_s, give_up)
-      timer.daemon = True
-      timer.start()
+      threading.Thread(target=self._exit_when_stuck, daemon=True,
+                       name='stop-deadline').start()
+
+  def _exit_when_stuck(self):
+    """exit(1) once the main thread has not moved for `deadline_s` (or has
+    run `BUSY_FACTOR` times that long in all)."""
+    main = threading.main_thread().ident
+    start = moved = time.monotonic()
+    where = None
+    while True:
+      time.sleep(self.POLL_S)
+      here = _whereabouts(main)
+      if here != where:
+        where, moved = here, time.monotonic()
+      if time.monotonic() - moved >= self._deadline_s:
+        reason = (f'still running {self._deadline_s:g}s after '
+                  f'{self.signal_name} (waiting inside a call that cannot be '
+                  'interrupted, e.g. for a replay server that is gone)')
+      elif time.monotonic() - start >= self.BUSY_FACTOR * self._deadline_s:
+        reason = (f'still busy {time.monotonic() - start:.0f}s after '
+                  f'{self.signal_name}')
+      else:
+        continue
+      logging.warning('%s; exiting now', reason)
+      logging.flush()
+      os._exit(1)  # pylint: disable=protected-access
 
   def __call__(self) -> bool:
     return self._event.is_set()

@@ -236,8 +236,11 @@ def test_starved_learner_says_why_and_stops_on_sigterm(cluster, tmp_path):
   cluster.wait_for_log(
       'learner', r'waiting for replay data at train_step 0 for \d+s: '
       r'uniform_table holds 0 items', 120)
+  # The signal may land while the first train call is still being traced
+  # (seconds of Python, tens of them on a loaded CI machine): that is not a
+  # stuck learner, and it too ends cleanly.
   cluster.signal('learner', signal.SIGTERM)
-  assert cluster.wait('learner', 30) == 0, cluster.tail('learner')
+  assert cluster.wait('learner', 120) == 0, cluster.tail('learner')
   assert 'finished at train_step 0' in cluster.log('learner')
 
 

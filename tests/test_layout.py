@@ -29,8 +29,10 @@ PUBLIC = {'variable_container', 'variable_container.client',
           'variable_container.status', 'variable_container.one_value',
           'variable_container.contract', 'variable_container.tables',
           'replay_server.server', 'launcher.local_cluster'}
-# Underscore names that are public API (os._exit, namedtuple methods).
-PUBLIC_UNDERSCORE = {'_exit', '_replace', '_asdict', '_fields', '_make'}
+# Underscore names that are public API (os._exit, sys._current_frames,
+# namedtuple methods).
+PUBLIC_UNDERSCORE = {'_exit', '_current_frames', '_replace', '_asdict',
+                     '_fields', '_make'}
 # A function of a process package reads in one screen.
 MAX_FUNCTION_LINES = 60
 
