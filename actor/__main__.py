@@ -20,6 +20,11 @@ def main(_):
   # A stop that takes longer (an environment stuck in a step) ends the
   # actor anyway: SIGTERM always ends it.
   run(config, process.StopRequest(deadline_s=config.stop_timeout_s).install())
+  # Its writers, summaries, videos and environments are closed by now. The
+  # interpreter's teardown of what Reverb and TensorFlow still hold (client
+  # and sampler threads) once aborted an actor that had finished ("terminate
+  # called without an active exception", exit -6): none is run.
+  process.exit_now(0)
 
 
 if __name__ == '__main__':
