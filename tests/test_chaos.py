@@ -89,7 +89,7 @@ def test_actor_killed_learner_goes_on_and_restarted_actor_rejoins(
                  for task in range(2)}
   for task in range(2):
     cluster.start(f'actor_{task}', 'actor', actor_flags[task])
-  _wait_train_step(cluster, 'learner', 300, 240)
+  _wait_train_step(cluster, 'learner', 300, 480)
   cluster.signal('actor_1', signal.SIGKILL)
   cluster.wait('actor_1', 10)
   at_kill = _train_steps(cluster.log('learner'))[-1]
@@ -135,7 +135,7 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
   for task in range(2):
     cluster.start(f'actor_{task}', 'actor', flags + [
         '--task=auto', f'--root_dir={tmp_path}/a'])
-  _wait_train_step(cluster, 'learner', 300, 240)
+  _wait_train_step(cluster, 'learner', 300, 480)
   cluster.wait_for_log('replay_server', r'checkpoint \(periodic\) written', 30)
 
   # The checkpoint directory becomes unwritable (here: a file in its place).
@@ -274,7 +274,7 @@ def test_learner_ctrl_c_leaves_checkpoint_and_push_then_rollback(
   first_root = tmp_path / 'first'
   cluster.start('learner', 'learner', flags + [f'--root_dir={first_root}',
                                                '--train_steps=100000'])
-  _wait_train_step(cluster, 'learner', 300, 240)
+  _wait_train_step(cluster, 'learner', 300, 480)
   cluster.signal('learner', signal.SIGINT)
   assert cluster.wait('learner', 60) == 0, cluster.tail('learner')
   last = int(re.search(r'finished at train_step (\d+)',

@@ -128,6 +128,40 @@ def test_a_bug_fails_at_once_and_an_outage_is_retried(pendulum):
   assert not reverb_connection.is_transient(ValueError('bad nest'))
 
 
+def test_a_lost_reverb_client_resource_is_rebuilt_and_the_pull_done(
+    pendulum, caplog):
+  """The TF resource behind the container's Reverb client gone (an actor and
+  a learner in one process, on a loaded CI machine): the pull goes on over a
+  new client, logged; any other NotFoundError is raised."""
+  server, address = _variable_server()
+  try:
+    agent = agents.create_agent(pendulum, TINY_SAC)
+    variables = agents.shared_variables(agent, agent.train_step_counter)
+    client = VariableContainerClient(address, variables, timeout_s=10)
+    agent.train_step_counter.assign(9)
+    client.push(variables)
+    lost = client.container
+
+    def gone(*_):
+      raise tf.errors.NotFoundError(
+          None, None, 'Resource localhost/_3_ReverbClient/N8deepmind6reverb'
+          '12_GLOBAL__N_114ClientResourceE does not exist.')
+
+    lost.update = gone
+    other = agents.create_agent(pendulum, TINY_SAC)
+    pulled = agents.shared_variables(other, other.train_step_counter)
+    with caplog.at_level('WARNING'):
+      assert client.pull_into(pulled) == 9
+    assert client.container is not lost
+    assert 'the Reverb client of this process for' in caplog.text
+    client.container.update = lambda *_: (_ for _ in ()).throw(
+        tf.errors.NotFoundError(None, None, 'no such table'))
+    with pytest.raises(tf.errors.NotFoundError, match='no such table'):
+      client.pull_into(pulled)
+  finally:
+    server.stop()
+
+
 def test_train_step_is_read_without_pulling_the_weights(pendulum):
   server, address = _variable_server()
   try:

@@ -112,8 +112,10 @@ def test_ctrl_c_stops_every_child(cluster, tmp_path):
   assert len(_children_of(root, launcher.pid)) == 5  # server, learner, 2 actors, evaluator
   start = time.monotonic()
   cluster.signal('launcher', signal.SIGINT)
-  code = cluster.wait('launcher', 30)
-  assert time.monotonic() - start < 30
+  # Each group has its own grace (learner 60 s, actors and evaluator 35 s);
+  # on a loaded CI machine the groups took 15-30 s in all.
+  code = cluster.wait('launcher', 120)
+  assert time.monotonic() - start < 120
   assert code == 0, cluster.tail('launcher', 60)
   assert not _children_of(root, launcher.pid), 'orphans left behind'
   log = cluster.log('launcher')

@@ -12,6 +12,7 @@ import time
 
 import reverb
 
+from common import reverb_connection
 from common import table_names
 from launcher.local_cluster import free_port
 from variable_container import one_value
@@ -88,6 +89,8 @@ def test_learner_and_other_actor_survive_the_first_shard(cluster):
 
   # Shard 0 back, empty: it gets the weights again without a restart.
   start_shard(0)
+  # Its own start first (a TF import: minutes on a loaded CI machine).
+  reverb_connection.wait_for_server(addresses[0], 300, 'test')
 
   def weights_on_shard_0():
     if not _published_step(addresses[0]):

@@ -12,6 +12,7 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
+from common import reverb_connection
 from common import table_names
 from learner import dataset as dataset_lib
 from launcher.local_cluster import free_port
@@ -169,6 +170,8 @@ def test_learner_trains_on_while_a_shard_is_down_and_takes_it_back(cluster):
   assert cluster.procs['learner'].poll() is None, cluster.tail('learner')
 
   start_shard(1)  # Empty, on the same port.
+  # Its own start first (a TF import: minutes on a loaded CI machine).
+  reverb_connection.wait_for_server(addresses[1], 300, 'test')
   cluster.wait_for_log('learner', f'replay shard {addresses[1]} answers '
                        'again', 120)
   # The learner is the restarted shard's only sampler.

@@ -61,11 +61,14 @@ class VariableContainerClient:
     reverb_connection.check_table_signature(
         info, table, agents.variable_signature(variables), address,
         hint=' (variables: the policy network flags must match)')
-    self._container = reverb_variable_container.ReverbVariableContainer(
-        address, table_names=[table])
+    self._container = self._new_container()
     self._client = reverb.Client(address)
     self._has_step_table = (table == table_names.VARIABLE_TABLE and
                             table_names.TRAIN_STEP_TABLE in info)
+
+  def _new_container(self) -> reverb_variable_container.ReverbVariableContainer:
+    return reverb_variable_container.ReverbVariableContainer(
+        self._address, table_names=[self._table])
 
   @property
   def address(self) -> str:
@@ -101,11 +104,22 @@ class VariableContainerClient:
 
   def _retry(self, what: str, fn):
     start = time.monotonic()
-    delay = 0.5
+    delay, rebuilt = 0.5, 0
     while True:
       self._ensure_reachable()
       try:
         return fn()
+      except tf.errors.NotFoundError as e:
+        rebuilt += 1
+        if 'ReverbClient' not in str(e) or rebuilt > 3:
+          raise
+        # The TF resource behind the container's Reverb client is gone
+        # (seen with an actor and a learner in one process, on a loaded
+        # machine): a new client gets a new one.
+        logging.warning('%s: the Reverb client of this process for %s is '
+                        'gone; %s again over a new one', self._who,
+                        self._address, what)
+        self._container = self._new_container()
       except Exception as e:  # pylint: disable=broad-except
         if not reverb_connection.is_transient(e):
           raise  # A bug, not an outage: fail at once, with its traceback.
