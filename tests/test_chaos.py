@@ -124,7 +124,9 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
   address = f'localhost:{port}'
   # Long enough that the learner is still training after the checkpoint
   # failures below (at ~400 train steps/s it once finished first at 2500).
-  flags = _flags(address, 8000)
+  # The clients wait 300 s for the restarted server: on a loaded CI machine
+  # its start, restore and gRPC's reconnect backoff once took over 120 s.
+  flags = _flags(address, 8000) + ['--server_timeout_s=300']
   checkpoint_dir = str(tmp_path / 'replay')
   server_flags = flags + [f'--port={port}',
                           f'--checkpoint_dir={checkpoint_dir}',
@@ -171,7 +173,7 @@ def test_replay_server_killed_restores_and_clients_continue(cluster,
   restored = cluster.wait_for_log(
       'replay_server_again',
       r'restored: actor_ids=(\d+), train_step=(\d+), uniform_table=(\d+), '
-      r'variables=(\d+)', 120)
+      r'variables=(\d+)', 300)
   # Every table: the queue of the lowest free actor indices (a few at a
   # time), the weights and their step, items.
   ids, step, items, weights = (int(x) for x in restored.groups())
