@@ -237,7 +237,7 @@ def test_starved_learner_says_why_and_stops_on_sigterm(cluster, tmp_path):
   cluster.start('learner', 'learner', flags + [f'--root_dir={tmp_path}/l'])
   cluster.wait_for_log(
       'learner', r'waiting for replay data at train_step 0 for \d+s: '
-      r'uniform_table holds 0 items', 120)
+      r'uniform_table holds 0 items', 300)
   # The signal may land while the first train call is still being traced
   # (seconds of Python, tens of them on a loaded CI machine): that is not a
   # stuck learner, and it too ends cleanly.
